@@ -1,0 +1,45 @@
+"""The `skcdf` command line: one sub-command per job.
+
+Each area of the package owns one module here with a ``register(subparsers)`` function that adds
+its sub-commands; every sub-command sets ``func`` to a callable taking the parsed arguments and
+returning an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules (under skcdf.cli) that contribute sub-commands, in the order they appear in --help.
+_COMMAND_MODULES = ("data", "network", "train", "predict", "evaluate", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skcdf",
+        description="SKCDF: semi-supervised, class-imbalanced 3D multi-organ segmentation.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"skcdf.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"skcdf.cli.{name}":
+                continue  # area not present in this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Small shared helpers: atomic file writes and the error type for bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class InputError(ValueError):
+    """Bad user input (a file, a folder, a configuration). The message names the culprit and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it.
+
+    Nothing half-written is ever left under the final name. The temporary name keeps the final
+    suffix(es) so that writers that pick a format from the extension (SimpleITK, numpy) still work.
+
+    Example::
+
+        with atomic_path("out/case.nii.gz") as tmp:
+            sitk.WriteImage(image, str(tmp))
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
