@@ -1,0 +1,43 @@
+"""`skcdf import-reference`: convert a reference-implementation checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import-reference", help="convert a reference-implementation best_model.pth into an skcdf checkpoint",
+        description="Read a reference SKCDF state dict (weights_only), check every key and shape, and write "
+                    "an skcdf checkpoint that `skcdf predict` and `skcdf train --set init=…` accept.")
+    p.add_argument("checkpoint", help="reference best_model.pth")
+    p.add_argument("out", help="output .pt file")
+    p.add_argument("--patch-size", nargs=3, type=int, default=(64, 128, 128), metavar=("D", "H", "W"),
+                   help="patch the reference model was trained with (default: 64 128 128)")
+    p.add_argument("--num-heads", type=int, default=2, help="SKCM heads (default: 2)")
+    p.set_defaults(func=_import_reference)
+
+
+def _import_reference(args: argparse.Namespace) -> int:
+    from skcdf.checkpoint import FORMAT, REFERENCE_PREPROCESSING, load_checkpoint, save_checkpoint
+    from skcdf.compat import from_reference_state_dict
+    from skcdf.utils import InputError
+
+    try:
+        state_dict = load_checkpoint(args.checkpoint)
+        try:
+            model = from_reference_state_dict(state_dict, args.patch_size, args.num_heads)
+        except ValueError as exc:
+            raise InputError(f"{args.checkpoint}: {exc}") from None
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    save_checkpoint(args.out, {
+        "format": FORMAT, "model_args": model.init_args, "model": model.state_dict(),
+        "preprocessing": {**REFERENCE_PREPROCESSING, "patch_size": list(args.patch_size)},
+        "source": str(args.checkpoint),
+    })
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {model.num_classes} classes, {n:,} parameters, patch {tuple(args.patch_size)}")
+    return 0
