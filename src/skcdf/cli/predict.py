@@ -1,0 +1,69 @@
+"""`skcdf predict`: segment scans or a prepared data set with a trained model (see docs/inference.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from skcdf.utils import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment scans or a prepared data set with a trained model",
+        description=(
+            "Sliding-window prediction (SPEC §4). INPUT is a prepared data set (predicts one split, written on "
+            "the prepared grid), a scan file or a folder of scans (NIfTI, NRRD, MHA, ...; each written on its "
+            "own grid, with its spacing, origin and direction). Writes OUTPUT/<id>.nii.gz (uint8 labels). "
+            "Exit status 1 when some case failed."
+        ),
+    )
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="run folder (best.pt, else last.pt), skcdf checkpoint, or reference best_model.pth")
+    parser.add_argument("input", metavar="INPUT", help="prepared data set, scan file, or folder of scans")
+    parser.add_argument("output", metavar="OUTPUT", help="output folder")
+    parser.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
+                        help="decoder whose main head predicts (default: unlabeled, the paper's choice)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--split", default="test", help="split of a prepared data set (default: test)")
+    parser.add_argument("--original-space", action="store_true",
+                        help="prepared data set: also write OUTPUT/original/<id>.nii.gz on the original scan's grid")
+    parser.add_argument("--tta", action="store_true", help="average over the in-plane flips used in training (4x slower)")
+    parser.add_argument("--gaussian", action="store_true", help="Gaussian window weighting instead of equal weights")
+    parser.add_argument("--stride", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                        help="window step in voxels (default: 16 32 32)")
+    parser.add_argument("--batch", type=int, default=None, metavar="N", help="windows per forward pass (default: 4)")
+    parser.add_argument("--no-amp", action="store_true", help="run fp32 on CUDA too (default: bf16/fp16 autocast)")
+    parser.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from skcdf.checkpoint import load_model
+    from skcdf.infer import InferenceSettings, predict_path
+
+    defaults = InferenceSettings()
+    try:
+        settings = InferenceSettings(
+            decoder=args.decoder,
+            stride=tuple(args.stride) if args.stride else defaults.stride,
+            sw_batch_size=defaults.sw_batch_size if args.batch is None else args.batch,
+            blend="gaussian" if args.gaussian else "constant",
+            tta=args.tta,
+            amp=not args.no_amp,
+        )
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, preprocessing = load_model(args.checkpoint, device=device)
+        summary = predict_path(model, args.input, args.output, preprocessing, settings, args.split, args.original_space)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(summary.written)} file(s) to {args.output}")
+    if summary.failures:
+        print(f"{len(summary.failures)} case(s) failed:", file=sys.stderr)
+        for failure in summary.failures:
+            print(f"  {failure.source}: {failure.message}", file=sys.stderr)
+        return 1
+    return 0

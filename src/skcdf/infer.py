@@ -1,0 +1,449 @@
+"""Sliding-window inference: from a trained SKCDF model to label maps that overlay the scan (SPEC §4).
+
+Layers, from the core outward:
+
+- :func:`sliding_window_probabilities`: softmax probabilities of one preprocessed tensor volume,
+  averaged over MONAI's sliding windows (stride 16 along depth and 32 in-plane by default).
+- :func:`predict_volume`: a numpy volume already on the training grid (a prepared case) -> labels.
+- :func:`predict_image`: a SimpleITK image on any grid -> labels on that same grid (resampled to the
+  training size for the network, probabilities resampled back).
+- :func:`predict_image_file`, :func:`predict_files`, :func:`predict_dataset`, :func:`predict_path`:
+  files in, ``<id>.nii.gz`` out (uint8 labels, written atomically), one failing case never stops the others.
+
+The model is anything with SKCDFNet's inference interface: ``model(x, flow="unlabeled")`` and
+``model.forward_labeled_decoder(x)``, each returning ``(main_logits, aux_logits)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+from tqdm.auto import tqdm
+
+from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
+from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
+from skcdf.utils import InputError, atomic_path
+
+__all__ = [
+    "DEFAULT_STRIDE",
+    "IMAGE_SUFFIXES",
+    "CaseFailure",
+    "InferenceSettings",
+    "PredictionSummary",
+    "case_id_from_path",
+    "model_logits",
+    "overlap_for_stride",
+    "predict_dataset",
+    "predict_files",
+    "predict_image",
+    "predict_image_file",
+    "predict_path",
+    "predict_volume",
+    "sliding_window_probabilities",
+]
+
+DEFAULT_STRIDE: tuple[int, int, int] = (16, 32, 32)
+
+# File endings picked up from an input folder (longest first, so ".nii.gz" wins over ".gz"-less ".nii").
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".gipl.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".hdr")
+
+# Training flips the two in-plane axes (SPEC §2); on a (b, C, D, H, W) tensor those are dims 3 and 4.
+_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))
+
+Decoder = Literal["unlabeled", "labeled"]
+Blend = Literal["constant", "gaussian"]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run the network over a volume. The defaults reproduce the reference evaluation (SPEC §4).
+
+    Attributes:
+        decoder: ``"unlabeled"`` (D_u main head, the paper's choice) or ``"labeled"`` (D_l main head,
+            each window paired with itself, paper Table 4).
+        stride: window step (D, H, W) in voxels; each entry between 1 and the patch size.
+        sw_batch_size: windows per forward pass.
+        blend: ``"constant"`` (equal weights, as the reference) or ``"gaussian"`` (centre-weighted).
+        tta: also average over the in-plane flips used in training (4 forward passes per window).
+        amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; CPU always runs fp32.
+    """
+
+    decoder: Decoder = "unlabeled"
+    stride: tuple[int, int, int] = DEFAULT_STRIDE
+    sw_batch_size: int = 4
+    blend: Blend = "constant"
+    tta: bool = False
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("unlabeled", "labeled"):
+            raise InputError(f"decoder must be 'unlabeled' or 'labeled', got {self.decoder!r}")
+        if self.blend not in ("constant", "gaussian"):
+            raise InputError(f"blend must be 'constant' or 'gaussian', got {self.blend!r}")
+        if self.sw_batch_size < 1:
+            raise InputError(f"sw_batch_size must be at least 1, got {self.sw_batch_size}")
+
+
+@dataclass(frozen=True)
+class CaseFailure:
+    """One case that could not be predicted: its file or case id and the error message."""
+
+    source: str
+    message: str
+
+
+@dataclass
+class PredictionSummary:
+    """What a multi-case prediction produced: the files written and the cases that failed."""
+
+    written: list[Path] = field(default_factory=list)
+    failures: list[CaseFailure] = field(default_factory=list)
+
+
+def overlap_for_stride(patch_size: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
+    """Per-axis ``overlap`` for MONAI's ``sliding_window_inference`` that steps exactly ``stride`` voxels.
+
+    MONAI steps ``int(patch * (1 - overlap))`` voxels; ``1 - stride / patch`` can land a hair below
+    ``stride`` in floating point (e.g. patch 80, stride 16 steps 15), so the overlap aims half a voxel
+    above the stride instead. For patch 64×128×128 and stride 16×32×32 this visits the same windows as
+    SPEC §4's ``overlap=0.75``.
+
+    Raises:
+        InputError: a stride entry outside ``[1, patch]`` (a larger stride would skip voxels).
+    """
+    if len(stride) != len(patch_size) or not all(1 <= s <= p for s, p in zip(stride, patch_size)):
+        raise InputError(f"stride {tuple(stride)} must lie between 1 and the patch size {tuple(patch_size)} on every axis")
+    return tuple(0.0 if s == p else (p - s - 0.5) / p for s, p in zip(stride, patch_size))
+
+
+def model_logits(model: nn.Module, decoder: Decoder = "unlabeled") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function ``x (b, 1, D, H, W) -> main-head logits (b, K, D, H, W)`` of the chosen decoder."""
+    if decoder == "unlabeled":
+        return lambda x: model(x, flow="unlabeled")[0]
+    if decoder == "labeled":
+        return lambda x: model.forward_labeled_decoder(x)[0]
+    raise ValueError(f"decoder must be 'unlabeled' or 'labeled', got {decoder!r}")
+
+
+def sliding_window_probabilities(
+    model_fn: Callable[[torch.Tensor], torch.Tensor],
+    volume: torch.Tensor,
+    patch_size: Sequence[int],
+    stride: Sequence[int] = DEFAULT_STRIDE,
+    sw_batch_size: int = 4,
+    mode: Blend = "constant",
+    tta: bool = False,
+    amp: bool = True,
+) -> torch.Tensor:
+    """Softmax probabilities of ``volume``, averaged over sliding windows (MONAI ``sliding_window_inference``).
+
+    Windows of ``patch_size`` start every ``stride`` voxels along each axis, the last one flush with
+    the end; where they overlap, probabilities (not logits) are averaged with equal weights
+    (``mode="constant"``) or Gaussian weights (``mode="gaussian"``). A volume smaller than the patch
+    is zero-padded symmetrically and the result cropped back.
+
+    Args:
+        model_fn: ``(n, C, *patch_size) -> logits (n, K, *patch_size)``, e.g. :func:`model_logits`.
+        volume: preprocessed input, ``(1, C, D, H, W)`` float32, on the model's device.
+        patch_size: window ``(D, H, W)``; for SKCDFNet with SKCM, the model's training patch.
+        stride: window step ``(D, H, W)``, see :func:`overlap_for_stride`.
+        sw_batch_size: windows per call of ``model_fn``.
+        mode: ``"constant"`` or ``"gaussian"`` blending.
+        tta: average each window over the in-plane flips of training (H, W, both, none).
+        amp: autocast ``model_fn`` on CUDA (bf16, or fp16 where bf16 is unsupported).
+
+    Returns:
+        ``(1, K, D, H, W)`` float32 probabilities on ``volume.device``.
+    """
+    overlap = overlap_for_stride(patch_size, stride)
+    flips = _TTA_FLIPS if tta else ((),)
+    on_cuda = volume.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+
+    def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
+        total = None
+        for dims in flips:
+            with torch.autocast(device_type=volume.device.type, dtype=amp_dtype, enabled=amp and on_cuda):
+                logits = model_fn(_flip(windows, dims))
+            probabilities = _flip(torch.softmax(logits.float(), dim=1), dims)
+            total = probabilities if total is None else total + probabilities
+        return total / len(flips)
+
+    with torch.inference_mode():
+        return sliding_window_inference(
+            volume.float(),
+            roi_size=tuple(patch_size),
+            sw_batch_size=sw_batch_size,
+            predictor=window_probabilities,
+            overlap=overlap,
+            mode=mode,
+        )
+
+
+def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
+def _volume_probabilities(
+    model: nn.Module, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings
+) -> torch.Tensor:
+    """HU volume ``(D, H, W)`` on the training grid -> probabilities ``(K, D, H, W)`` on the model's device."""
+    if model.training:
+        raise ValueError("the model is in training mode (dropout, batch statistics): call model.eval() first")
+    device = next(model.parameters()).device
+    normalized = normalize_intensity(np.asarray(image, dtype=np.float32), preprocessing.get("window"))
+    volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device)[None, None]
+    probabilities = sliding_window_probabilities(
+        model_logits(model, settings.decoder),
+        volume,
+        preprocessing["patch_size"],
+        stride=settings.stride,
+        sw_batch_size=settings.sw_batch_size,
+        mode=settings.blend,
+        tta=settings.tta,
+        amp=settings.amp,
+    )
+    return probabilities[0]
+
+
+def _argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
+    """``(K, D, H, W)`` probabilities -> ``(D, H, W)`` uint8 labels on the CPU."""
+    return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def predict_volume(
+    model: nn.Module, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+) -> np.ndarray:
+    """Label map of a volume that is already on the training grid (e.g. a prepared case).
+
+    Args:
+        model: an SKCDFNet-like model in eval mode, on the device to run on.
+        image: ``(D, H, W)`` intensities in HU (not yet windowed or scaled).
+        preprocessing: the checkpoint's ``preprocessing`` dict; uses ``"window"`` (CT window or None)
+            and ``"patch_size"``.
+        settings: decoder, stride, blending, TTA, AMP.
+
+    Returns:
+        ``(D, H, W)`` uint8 labels.
+    """
+    return _argmax_labels(_volume_probabilities(model, image, preprocessing, settings))
+
+
+def _place(array: np.ndarray, grid: Geometry) -> sitk.Image:
+    """``array`` (D, H, W) as an image on ``grid`` (its size must match)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image
+
+
+def _labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Probabilities ``(K, d, h, w)`` on the prepared grid of ``geometry`` -> argmax labels ``(D, H, W)``
+    uint8 on the original grid ``geometry`` (resampled linearly, as SPEC §2 prepared them, backwards).
+
+    One class at a time with a running maximum, so memory holds two float volumes of the original
+    size rather than K (a 512×512×300 scan with 14 classes would need 4 GiB).
+    """
+    best = labels = None
+    for label, channel in enumerate(probabilities):
+        resampled = sitk.GetArrayFromImage(to_original_space(channel, geometry, is_label=False))
+        if best is None:
+            best, labels = resampled, np.zeros(resampled.shape, np.uint8)
+        else:
+            better = resampled > best  # strict, so ties keep the lower label like argmax
+            np.copyto(best, resampled, where=better)
+            labels[better] = label
+    return labels
+
+
+def _write(image: sitk.Image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
+
+
+def predict_image(
+    model: nn.Module, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+) -> sitk.Image:
+    """Label map of a scan on its own grid, so that it overlays the scan in any viewer.
+
+    The scan is preprocessed as in training (trilinear resampling to ``preprocessing["size"]`` when
+    set, CT window, per-volume min-max scaling), predicted with the sliding window, and the softmax
+    probabilities are resampled linearly back to the scan's grid before the argmax.
+
+    Args:
+        model: an SKCDFNet-like model in eval mode, on the device to run on.
+        image: a 3D scan in HU, any size, spacing, origin and direction.
+        preprocessing: the checkpoint's ``preprocessing`` dict (``size``, ``window``, ``patch_size``).
+        settings: decoder, stride, blending, TTA, AMP.
+
+    Returns:
+        uint8 label image with the size, spacing, origin and direction of ``image``.
+    """
+    size = preprocessing.get("size")
+    network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
+    probabilities = _volume_probabilities(model, sitk.GetArrayFromImage(network_input), preprocessing, settings)
+    if network_input is image:
+        labels = _argmax_labels(probabilities)
+    else:
+        labels = _labels_in_original_space(probabilities.cpu().numpy(), Geometry.of_image(image))
+    return _place(labels, Geometry.of_image(image))
+
+
+def case_id_from_path(path: str | Path) -> str:
+    """The file name without its image extension(s): ``scans/case01.nii.gz`` -> ``case01``."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def predict_image_file(
+    model: nn.Module,
+    path: str | Path,
+    output_dir: str | Path,
+    preprocessing: Mapping,
+    settings: InferenceSettings = InferenceSettings(),
+) -> Path:
+    """Predict one scan file (anything SimpleITK reads) and write ``output_dir/<id>.nii.gz``; see :func:`predict_image`.
+
+    Raises:
+        InputError: the file cannot be read as a 3D image (the message names it).
+    """
+    labels = predict_image(model, read_image(path), preprocessing, settings)
+    return _write(labels, Path(output_dir) / f"{case_id_from_path(path)}.nii.gz")
+
+
+def _for_each_case(cases: Sequence[str], predict_case: Callable[[str], list[Path]]) -> PredictionSummary:
+    """Run ``predict_case`` on every case with a progress bar; an InputError fails that case only."""
+    summary = PredictionSummary()
+    for case in tqdm(cases, desc="predict", unit="case"):
+        try:
+            summary.written.extend(predict_case(case))
+        except InputError as error:
+            summary.failures.append(CaseFailure(case, str(error)))
+            tqdm.write(f"error: {error}", file=sys.stderr)
+    return summary
+
+
+def predict_files(
+    model: nn.Module,
+    paths: Iterable[str | Path],
+    output_dir: str | Path,
+    preprocessing: Mapping,
+    settings: InferenceSettings = InferenceSettings(),
+) -> PredictionSummary:
+    """Predict each scan file into ``output_dir/<id>.nii.gz``; an unreadable file is reported, the rest still run.
+
+    Raises:
+        InputError: two inputs would write the same ``<id>.nii.gz``, or the stride does not fit the patch.
+    """
+    overlap_for_stride(preprocessing["patch_size"], settings.stride)  # a bad stride fails once, not per case
+    paths = [str(path) for path in paths]
+    first_path: dict[str, str] = {}
+    for path in paths:
+        case_id = case_id_from_path(path)
+        if case_id in first_path:
+            raise InputError(f"{first_path[case_id]} and {path} would both be written as {case_id}.nii.gz")
+        first_path[case_id] = path
+    return _for_each_case(paths, lambda path: [predict_image_file(model, path, output_dir, preprocessing, settings)])
+
+
+def predict_dataset(
+    model: nn.Module,
+    root: str | Path,
+    output_dir: str | Path,
+    preprocessing: Mapping,
+    settings: InferenceSettings = InferenceSettings(),
+    split: str = "test",
+    original_space: bool = False,
+) -> PredictionSummary:
+    """Predict the cases of one split of a prepared data set.
+
+    Each case is predicted on the prepared grid and written as ``output_dir/<case id>.nii.gz``, so
+    that ``skcdf evaluate output_dir root`` compares it voxel by voxel with the prepared labels. With
+    ``original_space``, the probabilities are also resampled to the original scan's grid (from the
+    case's geometry json) and written as ``output_dir/original/<case id>.nii.gz``.
+
+    Raises:
+        InputError: the split is missing or names unknown cases, or the stride does not fit the patch. A case that cannot be read, or has no
+            geometry json while ``original_space`` is asked for, is recorded in the summary instead.
+    """
+    overlap_for_stride(preprocessing["patch_size"], settings.stride)  # a bad stride fails once, not per case
+    root, output_dir = Path(root), Path(output_dir)
+    training_size = preprocessing.get("size")
+
+    def predict_case(case_id: str) -> list[Path]:
+        geometry = load_geometry(root, case_id)
+        if original_space and geometry is None:
+            raise InputError(f"{root}: case {case_id} has no geometry json, so it cannot be written in the original space")
+        image = load_image(root, case_id)
+        if training_size is not None and list(image.shape) != list(training_size):
+            warnings.warn(f"{root}: prepared volumes are not of the training size {tuple(training_size)}; "
+                          "predicting on the prepared grid as it is", stacklevel=2)
+        probabilities = _volume_probabilities(model, image, preprocessing, settings)
+        if geometry is None:  # unknown original scan: unit spacing at the origin
+            prepared = Geometry(tuple(reversed(image.shape)), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+        else:
+            prepared = prepared_grid(geometry, image.shape)
+        labels = _argmax_labels(probabilities)
+        written = [_write(_place(labels, prepared), output_dir / f"{case_id}.nii.gz")]
+        if original_space:
+            labels = _labels_in_original_space(probabilities.cpu().numpy(), geometry)
+            written.append(_write(_place(labels, geometry), output_dir / "original" / f"{case_id}.nii.gz"))
+        return written
+
+    return _for_each_case(read_split(root, split), predict_case)
+
+
+def _is_prepared_dataset(folder: Path) -> bool:
+    try:
+        volume_dir(folder)  # where the data area finds <id>_image.npy: npy/, the folder, or one subfolder
+    except InputError:
+        return False
+    return True
+
+
+def predict_path(
+    model: nn.Module,
+    source: str | Path,
+    output_dir: str | Path,
+    preprocessing: Mapping,
+    settings: InferenceSettings = InferenceSettings(),
+    split: str = "test",
+    original_space: bool = False,
+) -> PredictionSummary:
+    """Predict whatever ``source`` is: a prepared data set (see :func:`predict_dataset`), a folder of
+    scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not recursive) or one scan file (see
+    :func:`predict_files`). ``split`` and ``original_space`` apply to prepared data sets only; scans are
+    always written on their own grid.
+
+    Raises:
+        InputError: ``source`` does not exist, or is a folder with neither a data set nor scan files.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder")
+    if not source.is_dir():
+        return predict_files(model, [source], output_dir, preprocessing, settings)
+    if _is_prepared_dataset(source):
+        return predict_dataset(model, source, output_dir, preprocessing, settings, split, original_space)
+    scans = sorted(path for path in source.iterdir() if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES))
+    if not scans:
+        raise InputError(
+            f"{source}: neither a prepared data set (<id>_image.npy files) nor a folder of scans "
+            f"({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return predict_files(model, scans, output_dir, preprocessing, settings)
