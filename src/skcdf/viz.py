@@ -1,0 +1,173 @@
+"""Figures: organ overlays on axial CT slices (like the paper's Figure 4) and training curves.
+
+Matplotlib is used through its object API with the Agg canvas, so nothing here touches pyplot's
+global state or needs a display.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from skcdf.utils import InputError, atomic_path
+
+# One fixed colour per class label (label 1 gets the first colour, ...), the same in every figure.
+ORGAN_COLOURS = (
+    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
+    "#808000", "#ffd8b1", "#000075", "#808080",
+)
+
+
+def organ_colour(label: int) -> str:
+    """The fixed colour of class ``label`` (≥ 1); the palette repeats after 20 classes."""
+    return ORGAN_COLOURS[(label - 1) % len(ORGAN_COLOURS)]
+
+
+def pick_slices(label: np.ndarray, count: int) -> list[int]:
+    """Axial slice indices (ascending) where ``label`` (D, H, W) shows the most organs.
+
+    Slices are ranked by the number of classes present, then by foreground area; picks are kept at
+    least D / (2·count) slices apart so that they do not all show the same anatomy.
+    """
+    depth = label.shape[0]
+    flat = label.reshape(depth, -1)
+    organs = np.array([len(np.unique(s[s > 0])) for s in flat])
+    area = np.count_nonzero(flat, axis=1)
+    min_gap = max(1, depth // (2 * count))
+    chosen: list[int] = []
+    for index in np.lexsort((-area, -organs)):  # most organs first, then largest area
+        if all(abs(int(index) - c) >= min_gap for c in chosen):
+            chosen.append(int(index))
+        if len(chosen) == count:
+            break
+    return sorted(chosen)
+
+
+def _overlay_rgba(labels: np.ndarray, alpha: float) -> np.ndarray:
+    """(H, W) labels → (H, W, 4) RGBA float image: organ colours where label > 0, transparent elsewhere."""
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros(labels.shape + (4,))
+    for label in np.unique(labels[labels > 0]):
+        rgba[labels == label] = to_rgba(organ_colour(int(label)), alpha)
+    return rgba
+
+
+def overlay_png(
+    image: np.ndarray,
+    label: np.ndarray,
+    pred: np.ndarray | None,
+    out_png: str | os.PathLike,
+    *,
+    slices: int = 3,
+    class_abbrevs: Sequence[str] | None = None,
+    window: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+) -> list[int]:
+    """Write a PNG of axial slices: the scan, the ground truth over it, and the prediction over it.
+
+    image: (D, H, W) intensities; label, pred: (D, H, W) integer label maps (pred may be None).
+    slices: how many slices (rows), picked by :func:`pick_slices`. class_abbrevs: legend names by
+    label value (index 0 background); labels are shown as numbers where unknown. window: display
+    range of the intensities (default: their 1st..99th percentile). Returns the slice indices shown.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if image.shape != label.shape or (pred is not None and pred.shape != label.shape):
+        shapes = f"image {image.shape}, label {label.shape}" + ("" if pred is None else f", prediction {pred.shape}")
+        raise InputError(f"{out_png}: volumes to overlay have different shapes ({shapes})")
+    indices = pick_slices(label, max(1, min(slices, label.shape[0])))
+    low, high = window if window is not None else np.percentile(image, [1, 99])
+    panels = [("Image", None), ("Ground truth", label)] + ([] if pred is None else [("Prediction", pred)])
+
+    figure = Figure(figsize=(3 * len(panels), 3 * len(indices) + 0.6), layout="constrained")
+    axes = figure.subplots(len(indices), len(panels), squeeze=False)
+    for row, z in enumerate(indices):
+        for column, (title, labels) in enumerate(panels):
+            ax = axes[row, column]
+            ax.imshow(image[z], cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+            if labels is not None:
+                ax.imshow(_overlay_rgba(labels[z], alpha), interpolation="nearest")
+            ax.set_title(f"{title}, slice {z}", fontsize=9)
+            ax.set_axis_off()
+
+    shown = sorted({int(v) for labels in (label, pred) if labels is not None for v in np.unique(labels[indices]) if v > 0})
+    names = [class_abbrevs[v] if class_abbrevs is not None and v < len(class_abbrevs) else str(v) for v in shown]
+    handles = [Patch(color=organ_colour(v), label=name) for v, name in zip(shown, names)]
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=8)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    return indices
+
+
+def _read_columns(path: Path) -> dict[str, list[str]]:
+    """The CSV file's columns, header name → list of cell strings."""
+    if not path.is_file():
+        raise InputError(f"{path}: training metrics file not found")
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        raise InputError(f"{path}: has no rows")
+    return {name: [row.get(name) or "" for row in rows] for name in rows[0]}
+
+
+def _series(x: list[str], y: list[str]) -> tuple[list[float], list[float]]:
+    """The (x, y) points where both cells hold finite numbers (logs mix per-iteration and per-epoch rows)."""
+    points = []
+    for xs, ys in zip(x, y):
+        try:
+            point = float(xs), float(ys)
+        except ValueError:
+            continue
+        if all(math.isfinite(v) for v in point):
+            points.append(point)
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> list[str]:
+    """Plot training losses and validation Dice from a run's ``metrics.csv``; returns the columns plotted.
+
+    Every column whose name starts with ``loss`` is drawn against ``iteration`` (else ``epoch``) in
+    the left panel; every ``val_dice*`` column against ``epoch`` (else ``iteration``) in the right one.
+    Raises InputError if the file is missing or has none of these columns.
+    """
+    from matplotlib.figure import Figure
+
+    path = Path(metrics_csv)
+    columns = _read_columns(path)
+    panels = []
+    for title, prefix, x_names in (("Training loss", "loss", ("iteration", "epoch")),
+                                   ("Validation Dice", "val_dice", ("epoch", "iteration"))):
+        x_name = next((n for n in x_names if n in columns), None)
+        names = [n for n in columns if n.startswith(prefix)]
+        if x_name is not None and names:
+            panels.append((title, x_name, names))
+    if not panels:
+        raise InputError(f"{path}: no 'loss*' or 'val_dice*' columns with an 'iteration' or 'epoch' column to plot")
+
+    figure = Figure(figsize=(6 * len(panels), 4), layout="constrained")
+    plotted = []
+    for ax, (title, x_name, names) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for name in names:
+            x, y = _series(columns[x_name], columns[name])
+            if x:
+                ax.plot(x, y, label=name, linewidth=2 if name.endswith("mean") else 1)
+                plotted.append(name)
+        ax.set_title(title)
+        ax.set_xlabel(x_name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if not plotted:
+        raise InputError(f"{path}: the loss / val_dice columns hold no numbers")
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    return plotted

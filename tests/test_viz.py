@@ -1,0 +1,94 @@
+"""Overlay and training-curve figures: valid, non-blank PNGs; slice choice; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from skcdf.cli import main
+from skcdf.utils import InputError
+from skcdf.viz import ORGAN_COLOURS, organ_colour, overlay_png, pick_slices, plot_curves
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(path)[..., :3]
+    assert pixels.std() > 0.05  # not a blank canvas
+    return pixels
+
+
+def toy_volume() -> tuple[np.ndarray, np.ndarray]:
+    """A 12-slice scan with organ 1 in slices 2-9, organ 2 in 4-6, organ 3 only in slice 5."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 50, (12, 32, 32)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[2:10, 4:12, 4:12] = 1
+    label[4:7, 16:28, 16:28] = 2
+    label[5, 20:24, 4:10] = 3
+    image[label > 0] += 200
+    return image, label
+
+
+def test_pick_slices_prefers_slices_with_most_organs():
+    _, label = toy_volume()
+    assert pick_slices(label, 1) == [5]
+    first, second = pick_slices(label, 2)
+    assert 5 in (first, second) and abs(first - second) >= 12 // 4
+
+
+def test_overlay_png_shows_organs_in_fixed_colours(tmp_path):
+    image, label = toy_volume()
+    pred = np.roll(label, 2, axis=2)
+    out = tmp_path / "overlay.png"
+    assert overlay_png(image, label, pred, out, slices=1, class_abbrevs=["BG", "Sp", "RK", "LK"]) == [5]
+    pixels = assert_valid_png(out)
+    for label_value in (1, 2, 3):  # each organ's colour (blended with the scan) appears somewhere
+        colour = np.array(matplotlib.colors.to_rgb(organ_colour(label_value)))
+        assert (np.abs(pixels - colour).sum(-1) < 0.08).any(), label_value
+    assert organ_colour(1) == ORGAN_COLOURS[0] and organ_colour(21) == organ_colour(1)
+    with pytest.raises(InputError, match="different shapes"):
+        overlay_png(image, label[:5], None, tmp_path / "bad.png")
+
+
+def test_overlay_command_reads_nifti_and_npy(tmp_path, capsys):
+    image, label = toy_volume()
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "image.nii.gz"))
+    np.save(tmp_path / "label.npy", label)
+    np.save(tmp_path / "pred.npy", label)
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"name": "toy", "num_classes": 4, "class_names": ["background", "spleen", "right kidney", "left kidney"]}))
+    out = tmp_path / "fig.png"
+    args = ["overlay", str(tmp_path / "image.nii.gz"), str(tmp_path / "label.npy"), str(tmp_path / "pred.npy")]
+    assert main(args + ["--out", str(out), "--slices", "2"]) == 0
+    assert_valid_png(out)
+    assert main(["overlay", str(tmp_path / "missing.nii.gz"), str(tmp_path / "label.npy"), "--out", str(out)]) == 2
+    assert "missing.nii.gz" in capsys.readouterr().err
+
+
+def test_plot_curves_from_mixed_iteration_and_epoch_rows(tmp_path):
+    lines = ["epoch,iteration,loss,loss_sup,lr,val_dice_mean,val_dice_1"]
+    for it in range(1, 41):
+        epoch = (it - 1) // 10
+        lines.append(f"{epoch},{it},{2 / it:.4f},{1 / it:.4f},0.1,,")
+        if it % 10 == 0:
+            lines.append(f"{epoch},{it},,,,{50 + epoch},{40 + epoch}")
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "curves.png"
+    assert plot_curves(csv_path, out) == ["loss", "loss_sup", "val_dice_mean", "val_dice_1"]
+    assert_valid_png(out)
+
+
+def test_curves_command_errors(tmp_path, capsys):
+    assert main(["curves", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
+    assert "metrics.csv" in capsys.readouterr().err
+    (tmp_path / "metrics.csv").write_text("epoch,lr\n0,0.1\n")
+    assert main(["curves", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
+    assert "no 'loss*'" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
