@@ -333,4 +333,6 @@ def test_cli_refuses_bad_input_with_status_2(run_folder, tmp_path, capsys):
     sitk.WriteImage(box_scan(), str(tmp_path / "scan.nii.gz"))
     assert main(["predict", str(run), str(tmp_path / "scan.nii.gz"), str(tmp_path / "out"), "--stride", "33", "32", "32"]) == 2
     assert "stride (33, 32, 32)" in capsys.readouterr().err
+    assert main(["predict", str(run), str(tmp_path / "scan.nii.gz"), str(tmp_path / "out"), "--device", "gpu0"]) == 2
+    assert "--device gpu0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

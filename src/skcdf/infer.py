@@ -426,7 +426,7 @@ def predict_path(
     original_space: bool = False,
 ) -> PredictionSummary:
     """Predict whatever ``source`` is: a prepared data set (see :func:`predict_dataset`), a folder of
-    scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not recursive) or one scan file (see
+    scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not hidden, not recursive) or one scan file (see
     :func:`predict_files`). ``split`` and ``original_space`` apply to prepared data sets only; scans are
     always written on their own grid.
 
@@ -440,7 +440,11 @@ def predict_path(
         return predict_files(model, [source], output_dir, preprocessing, settings)
     if _is_prepared_dataset(source):
         return predict_dataset(model, source, output_dir, preprocessing, settings, split, original_space)
-    scans = sorted(path for path in source.iterdir() if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES))
+    scans = sorted(
+        path for path in source.iterdir()
+        # hidden files include the temporary files of interrupted atomic writes
+        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
+    )
     if not scans:
         raise InputError(
             f"{source}: neither a prepared data set (<id>_image.npy files) nor a folder of scans "

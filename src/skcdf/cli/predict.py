@@ -39,8 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import torch
-
     from skcdf.checkpoint import load_model
     from skcdf.infer import InferenceSettings, predict_path
 
@@ -54,7 +52,7 @@ def _predict(args: argparse.Namespace) -> int:
             tta=args.tta,
             amp=not args.no_amp,
         )
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _device(args.device)
         model, preprocessing = load_model(args.checkpoint, device=device)
         summary = predict_path(model, args.input, args.output, preprocessing, settings, args.split, args.original_space)
     except InputError as error:
@@ -67,3 +65,18 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"  {failure.source}: {failure.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _device(name: str | None) -> str:
+    """The torch device to run on: ``name`` checked, or cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine")
+    return name

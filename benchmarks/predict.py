@@ -1,0 +1,91 @@
+"""Time sliding-window prediction of one volume (SPEC §4) with a randomly initialised SKCDFNet.
+
+Default: the paper's setting, one 80×160×160 volume, 32 filters, patch 64×128×128, 14 classes, stride
+16×32×32 (8 windows). ``--quick`` shrinks everything (8 filters, patch 32×64×64, volume 40×80×80) for
+a smoke run. Reports the median wall time over ``--repeats`` runs and windows per second, on the CPU
+and on CUDA when present.
+
+    .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skcdf.infer import InferenceSettings, predict_volume
+from skcdf.nn import SKCDFNet
+
+PAPER = {"filters": 32, "patch": (64, 128, 128), "volume": (80, 160, 160)}
+QUICK = {"filters": 8, "patch": (32, 64, 64), "volume": (40, 80, 80)}
+NUM_CLASSES = 14
+
+
+def window_count(volume: tuple[int, ...], patch: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Windows per volume: per axis ceil((n - p) / s) + 1, the last one flush with the end."""
+    return math.prod(math.ceil(max(n - p, 0) / s) + 1 for n, p, s in zip(volume, patch, stride))
+
+
+def cpu_name() -> str:
+    """The CPU model as `lscpu` shows it (Linux), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def time_device(device: str, setup: dict, settings: InferenceSettings, repeats: int) -> list[float]:
+    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).to(device).eval()
+    image = np.random.default_rng(0).uniform(-1000, 1000, setup["volume"]).astype(np.float32)
+    preprocessing = {"size": list(setup["volume"]), "window": [-75, 275], "patch_size": list(setup["patch"])}
+    if device == "cuda":
+        predict_volume(model, image, preprocessing, settings)  # warm-up: CUDA context, cuDNN algorithm choice
+    seconds = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        predict_volume(model, image, preprocessing, settings)  # returns a numpy array, so CUDA work is done
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model and volume (smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 2 on CPU, 5 on CUDA)")
+    parser.add_argument("--batch", type=int, default=InferenceSettings().sw_batch_size, help="windows per forward")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per window)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), action="append", help="default: cpu, and cuda if present")
+    args = parser.parse_args()
+
+    setup = QUICK if args.quick else PAPER
+    settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta)
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    windows = window_count(setup["volume"], setup["patch"], settings.stride) * (4 if args.tta else 1)
+    print(
+        f"volume {setup['volume']}, patch {setup['patch']}, {setup['filters']} filters, {NUM_CLASSES} classes, "
+        f"stride {settings.stride}, batch {args.batch}, tta {args.tta}: {windows} window passes per volume"
+    )
+    for device in devices:
+        repeats = args.repeats or (5 if device == "cuda" else 2)
+        seconds = time_device(device, setup, settings, repeats)
+        name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+        median = statistics.median(seconds)
+        print(
+            f"{device} ({name}): median {median:.2f} s per volume over "
+            f"{repeats} runs ({', '.join(f'{s:.2f}' for s in seconds)}), {windows / median:.2f} windows/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
