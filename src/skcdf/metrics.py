@@ -14,7 +14,7 @@ Definitions (SPEC §4, medpy.metric.binary with connectivity 1):
 Why this is fast (numbers in docs/metrics.md): everything for a class happens in the bounding box of
 that class in P ∪ G (one ``find_objects`` pass per label map gives all boxes), erosion is done with
 shifted views of a zero-padded crop, and nearest-surface distances come from a KD-tree over the
-surface voxels instead of a distance transform over the whole volume. Classes run in a thread pool.
+surface voxels (queried on several cores) instead of a distance transform over the whole volume.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import KDTree
 
+from skcdf.data.parallel import available_cores, map_cases
 from skcdf.data.sources import IMAGE_SUFFIXES
 from skcdf.utils import InputError, atomic_path, atomic_write_text
 
@@ -78,10 +79,19 @@ def class_boxes(pred: np.ndarray, gt: np.ndarray, classes: Sequence[int]) -> lis
     return boxes
 
 
-def _dice_percent(n_overlap: int, n_pred: int, n_gt: int) -> float:
-    if n_pred + n_gt == 0:
+def _class_masks(pred: np.ndarray, gt: np.ndarray, label: int, box: Box | None) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of ``label`` in ``pred`` and ``gt`` cropped to ``box`` (empty arrays for no box)."""
+    if box is None:
+        empty = np.zeros((0,) * pred.ndim, bool)
+        return empty, empty
+    return pred[box] == label, gt[box] == label
+
+
+def _dice_percent(pred_mask: np.ndarray, gt_mask: np.ndarray) -> float:
+    n_both = np.count_nonzero(pred_mask) + np.count_nonzero(gt_mask)
+    if n_both == 0:
         return 100.0  # both empty (SPEC §4)
-    return 200.0 * float(n_overlap) / (n_pred + n_gt)
+    return 200.0 * np.count_nonzero(pred_mask & gt_mask) / n_both
 
 
 def dice_per_class(pred: np.ndarray, gt: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -90,16 +100,8 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, classes: Sequence[int]) -> 
     pred, gt: integer label maps of the same shape (any ndim). Returns float64 array (len(classes),).
     """
     pred, gt = _check_label_maps(pred, gt)
-    dice = np.empty(len(classes))
-    for i, (label, box) in enumerate(zip(classes, class_boxes(pred, gt, classes))):
-        if box is None:
-            dice[i] = 100.0
-            continue
-        pred_mask, gt_mask = pred[box] == label, gt[box] == label
-        dice[i] = _dice_percent(
-            np.count_nonzero(pred_mask & gt_mask), np.count_nonzero(pred_mask), np.count_nonzero(gt_mask)
-        )
-    return dice
+    boxes = class_boxes(pred, gt, classes)
+    return np.array([_dice_percent(*_class_masks(pred, gt, label, box)) for label, box in zip(classes, boxes)])
 
 
 def _erode(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
@@ -156,13 +158,8 @@ def _class_row(
     threads: int,
 ) -> dict:
     """Metrics of one class inside its box (see evaluate_case)."""
-    if box is None:
-        n_overlap = n_pred = n_gt = 0
-    else:
-        pred_mask, gt_mask = pred[box] == label, gt[box] == label
-        n_overlap = np.count_nonzero(pred_mask & gt_mask)
-        n_pred, n_gt = np.count_nonzero(pred_mask), np.count_nonzero(gt_mask)
-
+    pred_mask, gt_mask = _class_masks(pred, gt, label, box)
+    n_pred, n_gt = np.count_nonzero(pred_mask), np.count_nonzero(gt_mask)
     mm_unknown = [math.nan] * len(MM_METRICS)
     if n_pred and n_gt:
         pred_surface = surface_voxels(pred_mask, connectivity)
@@ -176,7 +173,7 @@ def _class_row(
         mm = mm_unknown if spacing is None else [0.0] * len(MM_METRICS)
     return {
         "class": int(label),
-        "dice": _dice_percent(n_overlap, n_pred, n_gt),
+        "dice": float(_dice_percent(pred_mask, gt_mask)),
         **dict(zip(DISTANCE_METRICS, voxel)),
         **dict(zip(MM_METRICS, mm)),
         "pred_voxels": int(n_pred),
@@ -204,7 +201,7 @@ def evaluate_case(
     pred, gt = _check_label_maps(pred, gt)
     if spacing is not None and len(spacing) != pred.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not have one value per axis of shape {pred.shape}")
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or available_cores()
     return [
         _class_row(pred, gt, label, box, spacing, connectivity, threads)
         for label, box in zip(classes, class_boxes(pred, gt, classes))
@@ -311,7 +308,7 @@ def _evaluate_job(job: _CaseJob) -> list[dict]:
 
 
 def _is_prepared(gt: Path) -> bool:
-    return (gt / "dataset.json").is_file() or any(gt.glob("*_label.npy")) or any(gt.glob("npy/*_label.npy"))
+    return (gt / "dataset.json").is_file() or any(gt.glob("*_image.npy")) or any(gt.glob("npy/*_image.npy"))
 
 
 def _split_ids(gt: Path, prepared: bool, split: str) -> list[str]:
@@ -410,7 +407,6 @@ def evaluate_folders(
     case's geometry json); the prediction's header is not consulted.
     """
     from skcdf.data.layout import read_dataset_info
-    from skcdf.data.parallel import available_cores, map_cases
     from skcdf.report import SUMMARY_FORMAT, aggregate, render_table
 
     pred_dir, gt, out_dir = Path(pred_dir), Path(gt), Path(out_dir)
