@@ -1,0 +1,160 @@
+"""Reading scans, resampling them to the prepared size and back, and intensity normalisation (SPEC §2).
+
+Resampling keeps the scan's physical extent: the prepared grid covers exactly the same box (voxel
+edges to voxel edges) with the same direction, only with fewer or more voxels. This is what the
+reference implementation's ``F.interpolate(..., align_corners=False)`` does in index space, and it
+lets a prediction be resampled back onto the original scan (:func:`to_original_space`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from skcdf.data.layout import Geometry
+from skcdf.utils import InputError
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a 3-D scalar volume in any format SimpleITK reads (NIfTI, NRRD, MHA, ...).
+
+    Raises:
+        InputError: naming the file: missing, unreadable, not 3-D, not scalar, or with NaN/infinite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
+        raise InputError(f"{path}: cannot be read as an image ({reason[:200]})") from None
+    if image.GetDimension() != 3:
+        raise InputError(f"{path}: is a {image.GetDimension()}-D image of size {image.GetSize()}; expected a 3-D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel; expected a grey-level volume")
+    voxels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(voxels.dtype, np.floating):
+        bad = voxels.size - int(np.count_nonzero(np.isfinite(voxels)))
+        if bad:
+            raise InputError(f"{path}: contains {bad} NaN or infinite intensities")
+    return image
+
+
+def read_label(path: str | os.PathLike, num_classes: int) -> sitk.Image:
+    """Read a label map and check its values are integers in 0..num_classes-1; returned as UInt8.
+
+    Raises:
+        InputError: as :func:`read_image`, or values that are not class indices (the message lists them).
+    """
+    image = read_image(path)
+    values = sitk.GetArrayViewFromImage(image)
+    lowest, highest = values.min(), values.max()
+    if lowest < 0 or highest > num_classes - 1:
+        bad = np.unique(values[(values < 0) | (values > num_classes - 1)])
+        shown = ", ".join(f"{v:g}" for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise InputError(f"{path}: label values {shown} outside 0..{num_classes - 1}")
+    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
+        raise InputError(f"{path}: label has non-integer values")
+    return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def check_same_grid(image: sitk.Image, label: sitk.Image, image_path: str | os.PathLike,
+                    label_path: str | os.PathLike) -> None:
+    """Raise InputError (naming the label file) if the label's voxel grid differs from the image's."""
+    problem = Geometry.of_image(image).mismatch(Geometry.of_image(label))
+    if problem:
+        raise InputError(f"{label_path}: label grid does not match image {image_path}: {problem}")
+
+
+def prepared_grid(geometry: Geometry, size_dhw: Sequence[int]) -> Geometry:
+    """The grid of ``size_dhw`` (D, H, W) voxels covering the same physical box as ``geometry``.
+
+    The spacing grows by the size ratio, and the origin (a voxel centre) moves by half the change of
+    spacing along each axis so that the outer voxel edges stay in place.
+    """
+    size = tuple(int(n) for n in reversed(size_dhw))
+    old_spacing = np.array(geometry.spacing)
+    spacing = old_spacing * np.array(geometry.size) / np.array(size)
+    direction = np.array(geometry.direction).reshape(3, 3)
+    origin = np.array(geometry.origin) + direction @ ((spacing - old_spacing) / 2)
+    return Geometry(size, tuple(spacing.tolist()), tuple(origin.tolist()), geometry.direction, geometry.source)
+
+
+def _resample(image: sitk.Image, grid: Geometry, is_label: bool) -> sitk.Image:
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(grid.size)
+    resampler.SetOutputSpacing(grid.spacing)
+    resampler.SetOutputOrigin(grid.origin)
+    resampler.SetOutputDirection(grid.direction)
+    if is_label:
+        resampler.SetInterpolator(sitk.sitkNearestNeighbor)
+        resampler.SetOutputPixelType(sitk.sitkUInt8)
+    else:
+        resampler.SetInterpolator(sitk.sitkLinear)
+        resampler.SetOutputPixelType(sitk.sitkFloat32)
+        # Only points a rounding error outside the box can miss the scan; give them the scan's lowest value.
+        resampler.SetDefaultPixelValue(float(sitk.GetArrayViewFromImage(image).min()))
+    return resampler.Execute(image)
+
+
+def resample_to_size(image: sitk.Image, size_dhw: Sequence[int], is_label: bool) -> sitk.Image:
+    """Resample to ``size_dhw`` (D, H, W) voxels over the same physical extent.
+
+    Images are interpolated trilinearly into Float32, labels by nearest neighbour into UInt8.
+    """
+    return _resample(image, prepared_grid(Geometry.of_image(image), size_dhw), is_label)
+
+
+def to_original_space(volume: np.ndarray, geometry: Geometry, is_label: bool = True) -> sitk.Image:
+    """Put a prepared (D, H, W) volume back onto the original scan's grid described by ``geometry``.
+
+    The inverse of :func:`resample_to_size`: nearest neighbour for labels (UInt8), linear otherwise.
+    """
+    prepared = sitk.GetImageFromArray(np.ascontiguousarray(volume))
+    grid = prepared_grid(geometry, volume.shape)
+    prepared.SetSpacing(grid.spacing)
+    prepared.SetOrigin(grid.origin)
+    prepared.SetDirection(grid.direction)
+    return _resample(prepared, geometry, is_label)
+
+
+def intensity_range(volume: np.ndarray, window: Sequence[float] | None) -> tuple[float, float]:
+    """The (min, max) of the volume after clipping to ``window`` (clipping commutes with min and max)."""
+    low, high = float(volume.min()), float(volume.max())
+    if window is not None:
+        low, high = (float(np.clip(v, window[0], window[1])) for v in (low, high))
+    return low, high
+
+
+def scale_intensity(volume: np.ndarray, window: Sequence[float] | None,
+                    value_range: tuple[float, float]) -> np.ndarray:
+    """Clip to ``window`` (if given) and map ``value_range`` linearly onto [0, 1]; float32, same shape.
+
+    Applied to a crop with the whole volume's ``value_range``, it equals cropping the normalised volume.
+    """
+    scaled = np.array(volume, dtype=np.float32)
+    if window is not None:
+        np.clip(scaled, window[0], window[1], out=scaled)
+    low, high = value_range
+    if high > low:
+        scaled -= low
+        scaled /= high - low
+    else:  # a constant volume carries no contrast
+        scaled[...] = 0.0
+    return scaled
+
+
+def normalize_intensity(volume: np.ndarray, window: Sequence[float] | None) -> np.ndarray:
+    """Clip to the CT ``window`` (None: no clipping, e.g. MRI), then min-max scale per volume to [0, 1].
+
+    Args:
+        volume: (D, H, W) intensities.
+    Returns:
+        float32 (D, H, W) in [0, 1] (all zeros for a constant volume).
+    """
+    return scale_intensity(volume, window, intensity_range(volume, window))
