@@ -1,0 +1,153 @@
+"""PyTorch datasets that feed training and validation from a prepared data set (SPEC §2).
+
+Each item is one case: the whole volume is normalised (CT window clip, then min-max to [0, 1] per
+volume), a patch is cut out (random for training, central for validation; a volume smaller than the
+patch is centred in it and padded with 0 in image and label), and training patches are flipped
+along H and W with probability 0.5 each.
+
+Randomness comes from torch's generator only (``torch.randint``/``torch.rand``), which a DataLoader
+seeds per worker from its own ``generator``: a seeded DataLoader reproduces its batches exactly,
+whatever the number of workers.
+
+Small data sets are best kept in memory (``cache=True``: normalised float32 volumes, shared with
+forked DataLoader workers); large ones are memory-mapped (``cache=False``: each item reads only its
+patch from the ``.npy`` files, normalised with each volume's intensity range found once up front).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from skcdf.data.classes import CT_WINDOW
+from skcdf.data.layout import load_image, load_label
+from skcdf.data.preprocess import intensity_range, normalize_intensity, scale_intensity
+from skcdf.data.stats import class_voxel_counts
+from skcdf.utils import InputError
+
+__all__ = ["PatchDataset", "CenterCropDataset", "class_voxel_counts"]
+
+Region = tuple[tuple[slice, ...], tuple[slice, ...]]
+
+
+def crop_region(shape: Sequence[int], patch_size: Sequence[int], starts: Sequence[int]) -> Region:
+    """Where a patch starting at ``starts`` reads from a volume of ``shape`` and where it writes in the patch.
+
+    Along an axis where the volume is smaller than the patch, the whole axis is read and centred.
+    Returns:
+        (source slices into the volume, destination slices into the patch).
+    """
+    source, destination = [], []
+    for size, patch, start in zip(shape, patch_size, starts):
+        if size >= patch:
+            source.append(slice(start, start + patch))
+            destination.append(slice(0, patch))
+        else:
+            before = (patch - size) // 2
+            source.append(slice(0, size))
+            destination.append(slice(before, before + size))
+    return tuple(source), tuple(destination)
+
+
+class _CaseVolumes(Dataset):
+    """The normalised images (and labels) of some cases, and the cutting of patches from them."""
+
+    def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
+                 with_labels: bool, window: Sequence[float] | None, cache: bool) -> None:
+        self.root = Path(root)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(n) for n in patch_size)
+        self.with_labels = with_labels
+        self.window = None if window is None else tuple(float(w) for w in window)
+        self.cache = cache
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive sizes (D, H, W), not {patch_size}")
+        # cache: normalised float32 volumes; otherwise each volume's intensity range, for scaling patches.
+        self._images: list[np.ndarray] = []
+        self._ranges: list[tuple[float, float]] = []
+        self._labels: list[np.ndarray] = []
+        for case_id in self.case_ids:
+            image = load_image(self.root, case_id, mmap=not cache)
+            if cache:
+                self._images.append(normalize_intensity(image, self.window))
+            else:
+                self._ranges.append(intensity_range(image, self.window))
+            if with_labels:
+                label = load_label(self.root, case_id, mmap=not cache)
+                if label.shape != image.shape:
+                    raise InputError(f"{self.root}: case {case_id} has label shape {label.shape} "
+                                     f"but image shape {image.shape}")
+                self._labels.append(label)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def volume_shape(self, index: int) -> tuple[int, int, int]:
+        return tuple(self._images[index].shape) if self.cache else tuple(self._image_file(index).shape)
+
+    def _image_file(self, index: int) -> np.ndarray:
+        return load_image(self.root, self.case_ids[index], mmap=True)
+
+    def _patch(self, index: int, starts: Sequence[int], flip_axes: Sequence[int]) -> dict:
+        """The item: image (1, D, H, W) float32, label (D, H, W) int64 if labeled, case id."""
+        source, destination = crop_region(self.volume_shape(index), self.patch_size, starts)
+        image = np.zeros(self.patch_size, dtype=np.float32)
+        if self.cache:
+            image[destination] = self._images[index][source]
+        else:
+            image[destination] = scale_intensity(self._image_file(index)[source], self.window, self._ranges[index])
+        item = {"image": torch.from_numpy(np.flip(image, flip_axes).copy()).unsqueeze(0),
+                "case": self.case_ids[index]}
+        if self.with_labels:
+            label = np.zeros(self.patch_size, dtype=np.int64)
+            label[destination] = self._labels[index][source]
+            item["label"] = torch.from_numpy(np.flip(label, flip_axes).copy())
+        return item
+
+
+class PatchDataset(_CaseVolumes):
+    """Training patches: a random crop of ``patch_size`` (D, H, W) from each case, randomly flipped.
+
+    Item: ``{"image": float32 (1, D, H, W) in [0, 1], "label": int64 (D, H, W) [with_labels], "case": str}``.
+
+    Args:
+        root: prepared data set folder.
+        case_ids: the cases, one item each.
+        patch_size: (D, H, W) of the patch.
+        with_labels: include label patches (labeled cases only).
+        window: CT window (low, high) to clip to before scaling; None for no clipping (MRI).
+        flips: random flips along H and W (each with p = 0.5).
+        cache: keep normalised volumes in memory (True) or memory-map the .npy files (False).
+    """
+
+    def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
+                 with_labels: bool, window: Sequence[float] | None = CT_WINDOW, flips: bool = True,
+                 cache: bool = True) -> None:
+        super().__init__(root, case_ids, patch_size, with_labels=with_labels, window=window, cache=cache)
+        self.flips = flips
+
+    def __getitem__(self, index: int) -> dict:
+        starts = [int(torch.randint(0, max(size - patch, 0) + 1, ()))
+                  for size, patch in zip(self.volume_shape(index), self.patch_size)]
+        flip_axes = [axis for axis, flip in zip((1, 2), torch.rand(2) < 0.5) if flip] if self.flips else []
+        return self._patch(index, starts, flip_axes)
+
+
+class CenterCropDataset(_CaseVolumes):
+    """Validation patches: the central ``patch_size`` (D, H, W) crop of each labeled case, no flips.
+
+    Item keys as :class:`PatchDataset` (always with ``"label"``).
+    """
+
+    def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
+                 window: Sequence[float] | None = CT_WINDOW, cache: bool = True) -> None:
+        super().__init__(root, case_ids, patch_size, with_labels=True, window=window, cache=cache)
+
+    def __getitem__(self, index: int) -> dict:
+        starts = [max(size - patch, 0) // 2 for size, patch in zip(self.volume_shape(index), self.patch_size)]
+        return self._patch(index, starts, [])
