@@ -1,0 +1,119 @@
+"""Training and validation datasets: crops, padding, flips, normalisation, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from skcdf.data.layout import load_image, load_label, write_case
+from skcdf.data.loaders import CenterCropDataset, PatchDataset, class_voxel_counts
+from skcdf.data.preprocess import normalize_intensity
+from skcdf.utils import InputError
+
+SHAPE, PATCH = (10, 20, 24), (8, 16, 16)
+
+
+@pytest.fixture
+def dataset_root(tmp_path, rng):
+    """Two cases whose voxels have distinct intensities, so a patch voxel tells where it came from."""
+    for index, case_id in enumerate(("a", "b")):
+        image = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) + 1000 * index
+        write_case(tmp_path, case_id, image, rng.integers(0, 5, SHAPE), None)
+    write_case(tmp_path, "small", rng.normal(0, 100, (5, 9, 30)).astype(np.float32), np.ones((5, 9, 30)), None)
+    write_case(tmp_path, "nolabel", np.zeros(SHAPE, np.float32), None, None)
+    return tmp_path
+
+
+def _source_indices(image_patch: torch.Tensor) -> np.ndarray:
+    """Flat indices into the case volume of each patch voxel, recovered from its normalised intensity."""
+    values = image_patch.numpy()[0] * (np.prod(SHAPE) - 1)
+    return np.rint(values).astype(int)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_random_patches_are_crops_of_the_normalised_volume(dataset_root, cache):
+    dataset = PatchDataset(dataset_root, ["a", "b"], PATCH, with_labels=True, window=None, cache=cache)
+    torch.manual_seed(0)
+    seen_flips = set()
+    for _ in range(12):
+        for index, case_id in enumerate(("a", "b")):
+            item = dataset[index]
+            assert item["case"] == case_id
+            assert item["image"].shape == (1, *PATCH) and item["image"].dtype == torch.float32
+            assert item["label"].shape == PATCH and item["label"].dtype == torch.int64
+            assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+            source = np.unravel_index(_source_indices(item["image"]), SHAPE)  # (3, *PATCH)
+            # The patch is a box of the volume: along each axis the source coordinate moves by ±1 per step.
+            steps = [np.diff(source[axis], axis=axis) for axis in range(3)]
+            assert (steps[0] == 1).all(), "depth is never flipped"
+            flips = tuple(bool((steps[axis] == -1).all()) for axis in (1, 2))
+            assert all((steps[axis] == (-1 if flip else 1)).all() for axis, flip in zip((1, 2), flips))
+            seen_flips.add(flips)
+            # The label moved with the image, voxel by voxel.
+            np.testing.assert_array_equal(item["label"].numpy(), load_label(dataset_root, case_id)[source])
+    assert seen_flips == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_window_clips_before_scaling(dataset_root):
+    dataset = CenterCropDataset(dataset_root, ["a"], SHAPE, window=(100.0, 300.0))
+    volume = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    np.testing.assert_allclose(dataset[0]["image"][0].numpy(), (np.clip(volume, 100, 300) - 100) / 200)
+
+
+def test_small_case_is_centred_and_padded_with_zeros(dataset_root):
+    torch.manual_seed(1)
+    dataset = PatchDataset(dataset_root, ["small"], PATCH, with_labels=True, flips=False)
+    item = dataset[0]
+    image, label = item["image"][0].numpy(), item["label"].numpy()
+    # Depth 5 → rows 1..5 of 8; height 9 → 3..11 of 16; width 30 ≥ 16 is cropped.
+    inside = np.zeros(PATCH, dtype=bool)
+    inside[1:6, 3:12, :] = True
+    assert (image[~inside] == 0).all() and (label[~inside] == 0).all()
+    assert (label[inside] == 1).all()
+    normalised = normalize_intensity(load_image(dataset_root, "small"), (-75, 275))
+    start = next(s for s in range(30 - 16 + 1) if np.allclose(normalised[:, :, s:s + 16], image[1:6, 3:12]))
+    np.testing.assert_allclose(image[1:6, 3:12], normalised[:, :, start:start + 16])
+
+
+def test_center_crop_dataset(dataset_root):
+    dataset = CenterCropDataset(dataset_root, ["a", "small"], PATCH, window=None)
+    volume = normalize_intensity(np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE), None)
+    np.testing.assert_allclose(dataset[0]["image"][0].numpy(), volume[1:9, 2:18, 4:20])
+    assert dataset[1]["image"].shape == (1, *PATCH) and set(dataset[1]) == {"image", "label", "case"}
+
+
+def _batches(dataset, seed: int, workers: int) -> list[dict]:
+    def seed_numpy(worker_id: int) -> None:  # the usual worker_init; the datasets need only torch's seed
+        np.random.seed(torch.initial_seed() % 2**32)
+
+    loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=workers, worker_init_fn=seed_numpy,
+                        generator=torch.Generator().manual_seed(seed))
+    return [batch for _ in range(2) for batch in loader]
+
+
+def test_seeded_loader_reproduces_batches_with_workers(dataset_root):
+    dataset = PatchDataset(dataset_root, ["a", "b", "small", "nolabel"], PATCH, with_labels=False)
+    first, again, other = _batches(dataset, 0, 2), _batches(dataset, 0, 2), _batches(dataset, 1, 2)
+    assert all(torch.equal(x["image"], y["image"]) and x["case"] == y["case"] for x, y in zip(first, again))
+    assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(first, other))
+    assert "label" not in first[0]
+
+
+def test_class_voxel_counts_match_a_naive_count(dataset_root):
+    counts = class_voxel_counts(dataset_root, ["a", "b", "small"], 6)
+    naive = np.zeros(6, dtype=np.int64)
+    for case_id in ("a", "b", "small"):
+        label = load_label(dataset_root, case_id)
+        for value in range(6):
+            naive[value] += int((label == value).sum())
+    np.testing.assert_array_equal(counts, naive)
+    assert counts.dtype == np.int64 and counts[5] == 0
+    with pytest.raises(InputError, match="label values outside 0..3"):
+        class_voxel_counts(dataset_root, ["a"], 4)
+
+
+def test_labels_required_when_asked(dataset_root):
+    with pytest.raises(InputError, match="nolabel_label.npy: file not found"):
+        PatchDataset(dataset_root, ["nolabel"], PATCH, with_labels=True)
