@@ -73,7 +73,8 @@ def test_prepare_amos_takes_ct_only_and_dataset_json_names(tmp_path, rng):
     src = tmp_path / "amos"
     for tag, numbers in (("Tr", (1, 2, 3, 540)), ("Va", (7, 8))):
         for n in numbers:
-            _write_pair(src / f"images{tag}" / f"amos_{n:04d}.nii.gz", src / f"labels{tag}" / f"amos_{n:04d}.nii.gz", rng)
+            name = f"amos_{n:04d}.nii.gz"
+            _write_pair(src / f"images{tag}" / name, src / f"labels{tag}" / name, rng)
     names = ["background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach",
              "aorta", "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder",
              "prostate/uterus"]

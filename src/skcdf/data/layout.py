@@ -75,7 +75,8 @@ class Geometry:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a geometry file (needs size, spacing, origin, direction): {exc!r}") from None
-        if len(geometry.size) != 3 or len(geometry.spacing) != 3 or len(geometry.origin) != 3 or len(geometry.direction) != 9:
+        lengths = tuple(map(len, (geometry.size, geometry.spacing, geometry.origin, geometry.direction)))
+        if lengths != (3, 3, 3, 9):
             raise InputError(f"{path}: geometry must have 3 sizes, spacings and origin values and 9 direction values")
         return geometry
 

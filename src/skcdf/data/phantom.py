@@ -146,10 +146,10 @@ def _mask(shapes: Sequence[Shape], coords: np.ndarray) -> np.ndarray:
     mask = np.zeros(coords.shape[1], dtype=bool)
     for shape in shapes:
         low, high = shape.bounds()
-        in_box = np.ones(coords.shape[1], dtype=bool)
-        for axis in range(3):
-            in_box &= (coords[axis] >= low[axis]) & (coords[axis] <= high[axis])
-        candidates = np.flatnonzero(in_box)
+        candidates = np.flatnonzero((coords[0] >= low[0]) & (coords[0] <= high[0]))
+        for axis in (1, 2):  # narrow down on the (usually few) points left
+            values = coords[axis, candidates]
+            candidates = candidates[(values >= low[axis]) & (values <= high[axis])]
         mask[candidates[shape.contains(coords[:, candidates])]] = True
     return mask
 
@@ -279,8 +279,9 @@ def _upper_organs(rng: np.random.Generator) -> list[_Part]:
 
     spleen = _Frame(rng, (85, 45, 55))
     stomach = _Frame(rng, (50, -5, 45))
-    stomach_shapes = [stomach.ellipsoid((-2, 20, 27), (34, 34, 32)), stomach.ellipsoid((12, -7, -7), (34, 30, 44), (-20, 0, 0)),
-                      stomach.ellipsoid((-30, -43, -33), (44, 20, 20), (0, 0, 25))]
+    stomach_shapes = [stomach.ellipsoid((-2, 20, 27), (34, 34, 32)),  # fundus
+                      stomach.ellipsoid((12, -7, -7), (34, 30, 44), (-20, 0, 0)),  # body
+                      stomach.ellipsoid((-30, -43, -33), (44, 20, 20), (0, 0, 25))]  # antrum
     gallbladder = _Frame(rng, (-45, -35, 8))
     parts = [
         _Part("liver", liver_shapes, LI, minus=liver_cut),
@@ -307,7 +308,8 @@ def _middle_organs(rng: np.random.Generator) -> list[_Part]:
                             (5, 20, -48), (25, 10, -40)], 12)
     pancreas = centre.tube([(-30, 8, -8), (-15, 6, 2), (0, 6, 8), (25, 10, 16), (50, 16, 25), (72, 24, 34)],
                            [16, 13, 10, 11, 10, 9])
-    aorta = centre.tube([(10, 40, 130), (12, 38, 80), (14, 36, 20), (13, 34, -40), (11, 32, -95)], [11, 11, 10.5, 10, 9.5])
+    aorta = centre.tube([(10, 40, 130), (12, 38, 80), (14, 36, 20), (13, 34, -40), (11, 32, -95)],
+                        [11, 11, 10.5, 10, 9.5])
     iliac_arteries = [centre.tube([(11, 32, -95), (side * 40 + 8, 28, -135)], 7) for side in (-1, 1)]
     sma = centre.tube([(13, 30, 25), (8, 5, 5), (5, -10, -60)], 4)
     ivc = centre.tube([(-14, 30, 130), (-18, 34, 80), (-22, 36, 30), (-22, 38, -30), (-18, 40, -95)], 10.5)
@@ -362,12 +364,13 @@ def _scan_grid(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarr
     return np.stack([x, y, z]).astype(np.float32), geometry
 
 
-def _smooth_field(rng: np.random.Generator, wavelengths_mm: tuple[float, float], modes: int) -> Callable[[np.ndarray], np.ndarray]:
+def _smooth_field(rng: np.random.Generator, wavelengths_mm: tuple[float, float],
+                  modes: int) -> Callable[[np.ndarray], np.ndarray]:
     """A random smooth function of position (3, ...) → (...): a sum of unit-amplitude plane waves."""
     directions = rng.normal(size=(modes, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    waves = 2 * np.pi / rng.uniform(*wavelengths_mm, modes)[:, None] * directions
-    phases = rng.uniform(0, 2 * np.pi, modes)
+    waves = (2 * np.pi / rng.uniform(*wavelengths_mm, modes)[:, None] * directions).astype(np.float32)
+    phases = rng.uniform(0, 2 * np.pi, modes).astype(np.float32)
     return lambda coords: sum(np.sin(np.tensordot(w, coords, 1) + p) for w, p in zip(waves, phases)) / np.sqrt(modes)
 
 
@@ -377,11 +380,12 @@ def _anatomical_coordinates(rng: np.random.Generator, scanner: np.ndarray) -> np
     scale = rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, 3)
     rotation = _rotation(rng.normal(0, (2, 2, 4)))
     shift = rng.normal(0, (10, 8, 15))
-    points = scanner.reshape(3, -1).astype(float)
-    anatomy = (rotation.T @ (points - shift[:, None])) / scale[:, None]
+    points = scanner.reshape(3, -1)
+    rotation, shift, scale = (a.astype(np.float32) for a in (rotation, shift[:, None], scale[:, None]))
+    anatomy = (rotation.T @ (points - shift)) / scale
     for axis in range(3):
         anatomy[axis] += 6.0 * _smooth_field(rng, (150, 400), 4)(points)
-    return anatomy.astype(np.float32)
+    return anatomy
 
 
 def _paint(parts: Sequence[_Part], coords: np.ndarray, regions: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -413,19 +417,20 @@ def make_phantom_case(seed: int, index: int, shape: Sequence[int] = DEFAULT_SHAP
     coords = _anatomical_coordinates(rng, scanner)
 
     torso, outlines = _torso(rng)
-    regions = {name: _mask([shape], coords) for name, shape in outlines.items()}
+    regions = {name: _mask([outline], coords) for name, outline in outlines.items()}
     regions["wall"] &= ~regions["cavity"]
     parts = torso + _spine_and_muscles(rng) + _bowel(rng) + _upper_organs(rng) + _middle_organs(rng)
     tissue, label = _paint(parts, coords, regions)
     # The patient table: a band under the body, fixed in scanner coordinates.
-    back = scanner[1].reshape(-1)[regions["body"]].max(initial=0.0)
-    tissue[(scanner[1].reshape(-1) > back + 8) & (scanner[1].reshape(-1) < back + 16) & ~regions["body"]] = _TISSUE_IDS["table"]
+    scanner_y = scanner[1].reshape(-1)
+    back = scanner_y[regions["body"]].max(initial=0.0)
+    tissue[(scanner_y > back + 8) & (scanner_y < back + 16) & ~regions["body"]] = _TISSUE_IDS["table"]
 
     hu, texture_hu = _tissue_values(rng)
     bias = rng.uniform(8, 25) * _smooth_field(rng, (400, 900), 3)(scanner)
     noise_rng = np.random.default_rng(noise_seed)
     texture = _unit_noise(noise_rng, shape, sigma=1.2)
-    image = hu[tissue].reshape(shape) + texture_hu[tissue].reshape(shape) * texture
+    image = (hu[tissue] + texture_hu[tissue] * texture.ravel()).astype(np.float32).reshape(shape)
     image = ndimage.gaussian_filter(image, 0.6)  # partial volume: edges are not steps
     image += bias + rng.uniform(8, 22) * _unit_noise(noise_rng, shape, sigma=0.6)
     image = np.clip(image, -1024, 3071).astype(np.float32)
@@ -434,7 +439,7 @@ def make_phantom_case(seed: int, index: int, shape: Sequence[int] = DEFAULT_SHAP
 
 def _unit_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Gaussian noise smoothed by ``sigma`` voxels (spatially correlated, like CT noise), unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
     return noise / noise.std()
 
 

@@ -34,9 +34,11 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         reason = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
         raise InputError(f"{path}: cannot be read as an image ({reason[:200]})") from None
     if image.GetDimension() != 3:
-        raise InputError(f"{path}: is a {image.GetDimension()}-D image of size {image.GetSize()}; expected a 3-D volume")
+        raise InputError(f"{path}: is a {image.GetDimension()}-D image of size {image.GetSize()}; "
+                         "expected a 3-D volume")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel; expected a grey-level volume")
+        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel; "
+                         "expected a grey-level volume")
     voxels = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(voxels.dtype, np.floating):
         bad = voxels.size - int(np.count_nonzero(np.isfinite(voxels)))

@@ -88,7 +88,8 @@ def _labeled_unlabeled(train: Sequence[str], unlabeled_only_ids: Sequence[str], 
                        rng: np.random.Generator, source: str) -> dict[str, list[str]]:
     num_labeled = labeled_count(len(train), labeled_percent)
     if num_labeled >= len(train) and not unlabeled_only_ids:
-        raise InputError(f"{source}: {len(train)} training cases at {labeled_percent:g}% labeled leave no unlabeled case")
+        raise InputError(f"{source}: {len(train)} training case(s) at {labeled_percent:g}% labeled leave no "
+                         "unlabeled case; more cases or a lower labeled percent are needed")
     shuffled = [train[i] for i in rng.permutation(len(train))]
     labeled_name, unlabeled_name = labeled_split_names(labeled_percent)
     return {labeled_name: sorted(shuffled[:num_labeled]),

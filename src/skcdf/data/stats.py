@@ -33,7 +33,8 @@ def fraction_table(counts: np.ndarray, class_names: Sequence[str], class_abbrevs
     rows = [f"{'':>3} {'class':<6}{'name':<26}{'voxels':>12}{'% all':>9}{'% fg':>8}"]
     for index, (count, name, abbrev) in enumerate(zip(counts, class_names, class_abbrevs)):
         share_fg = f"{100 * count / foreground:8.2f}" if index and foreground else f"{'':>8}"
-        rows.append(f"{index:>3} {abbrev:<6}{name[:25]:<26}{int(count):>12}{100 * count / max(total, 1):9.3f}{share_fg}")
+        share_all = 100 * count / max(total, 1)
+        rows.append(f"{index:>3} {abbrev:<6}{name[:25]:<26}{int(count):>12}{share_all:9.3f}{share_fg}")
     present = [k for k in range(1, len(counts)) if counts[k] > 0]
     if present:
         largest = max(present, key=lambda k: counts[k])
