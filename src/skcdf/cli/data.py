@@ -16,11 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate a synthetic abdominal CT data set with Synapse's 13 organs, written in the "
                     "prepared layout (npy/, splits/, dataset.json); prints the class voxel fractions.")
     phantom.add_argument("out", help="output folder (must not exist or be empty)")
-    phantom.add_argument("--cases", type=int, default=30, help="number of cases (default 30, split 20/4/6 like Synapse)")
+    phantom.add_argument("--cases", type=int, default=30,
+                         help="number of cases (default 30, split 20/4/6 like Synapse)")
     phantom.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=[48, 96, 96],
                          help="volume size (default 48 96 96)")
-    phantom.add_argument("--seed", type=int, default=0, help="random seed of the anatomy, images and splits (default 0)")
-    phantom.add_argument("--labeled-percent", type=float, default=20.0, help="labeled share of the training cases (default 20)")
+    phantom.add_argument("--seed", type=int, default=0,
+                         help="random seed of the anatomy, images and splits (default 0)")
+    phantom.add_argument("--labeled-percent", type=float, default=20.0,
+                         help="labeled share of the training cases (default 20)")
     phantom.add_argument("--nifti", action="store_true",
                          help="also write OUT/nifti (imagesTr/, labelsTr/, dataset.json) for `skcdf prepare nifti`")
     _add_common(phantom)
@@ -41,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--labeled-percent", type=float,
                          help="labeled share of the training cases (default: Synapse 20, AMOS 5, nifti 20)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
-    prepare.add_argument("--splits", metavar="DIR", help="use the split files of DIR (train.txt, eval.txt, test.txt, ...)")
+    prepare.add_argument("--splits", metavar="DIR",
+                         help="use the split files of DIR (train.txt, eval.txt, test.txt, ...)")
     split = prepare.add_mutually_exclusive_group()
     split.add_argument("--split-counts", type=int, nargs=3, metavar=("TRAIN", "EVAL", "TEST"),
                        help="numbers of labeled cases per split (default: Synapse 20 4 6)")
@@ -52,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="intensity window recorded for training (default: CT -75 275; none for MRI)")
     window.add_argument("--no-window", action="store_true", help="record no intensity window (e.g. MRI)")
     prepare.add_argument("--include-mri", action="store_true", help="AMOS: also take the MRI scans (ids above 500)")
-    prepare.add_argument("--num-classes", type=int, help="nifti: number of classes (with background) if dataset.json has no labels")
+    prepare.add_argument("--num-classes", type=int,
+                         help="nifti: number of classes (with background) if dataset.json has no labels")
     _add_common(prepare)
     prepare.set_defaults(func=_handler(_prepare))
 
@@ -66,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty (only once all succeeded)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is not empty (only once all succeeded)")
 
 
 def _handler(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
