@@ -93,6 +93,7 @@ def _batches(dataset, seed: int, workers: int) -> list[dict]:
     return [batch for _ in range(2) for batch in loader]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 2 workers even on a 1-core machine
 def test_seeded_loader_reproduces_batches_with_workers(dataset_root):
     dataset = PatchDataset(dataset_root, ["a", "b", "small", "nolabel"], PATCH, with_labels=False)
     first, again, other = _batches(dataset, 0, 2), _batches(dataset, 0, 2), _batches(dataset, 1, 2)

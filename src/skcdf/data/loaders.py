@@ -6,8 +6,8 @@ patch is centred in it and padded with 0 in image and label), and training patch
 along H and W with probability 0.5 each.
 
 Randomness comes from torch's generator only (``torch.randint``/``torch.rand``), which a DataLoader
-seeds per worker from its own ``generator``: a seeded DataLoader reproduces its batches exactly,
-whatever the number of workers.
+seeds per worker from its own ``generator``: a seeded DataLoader reproduces its batches exactly (for
+a given number of workers).
 
 Small data sets are best kept in memory (``cache=True``: normalised float32 volumes, shared with
 forked DataLoader workers); large ones are memory-mapped (``cache=False``: each item reads only its
