@@ -2,13 +2,15 @@
 
 Each area of the package owns one module here with a ``register(subparsers)`` function that adds
 its sub-commands; every sub-command sets ``func`` to a callable taking the parsed arguments and
-returning an exit status.
+returning an exit status. Bad input (:class:`skcdf.utils.InputError`) is reported here, once, as
+``error: <message>`` with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules (under skcdf.cli) that contribute sub-commands, in the order they appear in --help.
@@ -33,12 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from skcdf.utils import InputError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `skcdf stats DIR | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":
