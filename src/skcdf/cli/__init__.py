@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # Modules (under skcdf.cli) that contribute sub-commands, in the order they appear in --help.
 _COMMAND_MODULES = ("data", "network", "train", "predict", "evaluate", "demo")
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from skcdf.utils import InputError
 
     args = build_parser().parse_args(argv)
+    # One line per warning, without the source line that Python's default format adds.
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except InputError as exc:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
-from typing import Callable
 
 from skcdf.utils import InputError
 
@@ -27,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     phantom.add_argument("--nifti", action="store_true",
                          help="also write OUT/nifti (imagesTr/, labelsTr/, dataset.json) for `skcdf prepare nifti`")
     _add_common(phantom)
-    phantom.set_defaults(func=_handler(_phantom))
+    phantom.set_defaults(func=_phantom)
 
     prepare = subparsers.add_parser(
         "prepare", help="resample a raw data set (Synapse, AMOS, nnU-Net-style NIfTI) into the prepared layout",
@@ -59,34 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--num-classes", type=int,
                          help="nifti: number of classes (with background) if dataset.json has no labels")
     _add_common(prepare)
-    prepare.set_defaults(func=_handler(_prepare))
+    prepare.set_defaults(func=_prepare)
 
     stats = subparsers.add_parser(
         "stats", help="print the class voxel fractions of a prepared data set",
         description="Print each class's voxel count and share over the labeled cases of a prepared data set.")
     stats.add_argument("dir", help="prepared data set folder")
     stats.add_argument("--split", help="count only the cases of this split (e.g. train, labeled_20p)")
-    stats.set_defaults(func=_handler(_stats))
+    stats.set_defaults(func=_stats)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it is not empty (only once all succeeded)")
-
-
-def _handler(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Print InputError as one ``error:`` line (exit status 2) and warnings as ``warning:`` lines."""
-
-    def run(args: argparse.Namespace) -> int:
-        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-        try:
-            return command(args)
-        except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _phantom(args: argparse.Namespace) -> int:

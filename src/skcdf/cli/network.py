@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,15 +23,11 @@ def _import_reference(args: argparse.Namespace) -> int:
     from skcdf.compat import from_reference_state_dict
     from skcdf.utils import InputError
 
+    state_dict = load_checkpoint(args.checkpoint)
     try:
-        state_dict = load_checkpoint(args.checkpoint)
-        try:
-            model = from_reference_state_dict(state_dict, args.patch_size, args.num_heads)
-        except ValueError as exc:
-            raise InputError(f"{args.checkpoint}: {exc}") from None
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        model = from_reference_state_dict(state_dict, args.patch_size, args.num_heads)
+    except ValueError as exc:
+        raise InputError(f"{args.checkpoint}: {exc}") from None
     save_checkpoint(args.out, {
         "format": FORMAT, "model_args": model.init_args, "model": model.state_dict(),
         "preprocessing": {**REFERENCE_PREPROCESSING, "patch_size": list(args.patch_size)},

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Mode = Literal["cross", "self", "paired"]
