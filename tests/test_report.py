@@ -72,6 +72,7 @@ def test_find_summaries_search_order(tmp_path):
     rng = np.random.default_rng(3)
     write_run(tmp_path / "a" / "eval", synthetic_summary(rng))
     write_run(tmp_path / "a" / "other", synthetic_summary(rng))
+    write_run(tmp_path / "a", {"format": "something else"})  # not an evaluation summary: passed over
     assert find_summaries(tmp_path / "a") == [tmp_path / "a" / "eval" / "summary.json"]
     write_run(tmp_path / "b" / "seed0" / "x", synthetic_summary(rng))
     write_run(tmp_path / "b" / "seed1", synthetic_summary(rng))

@@ -22,19 +22,26 @@ SUMMARY_FORMAT = "skcdf-evaluation"
 
 def find_summaries(run: str | Path) -> list[Path]:
     """The evaluation summaries of a run folder: ``RUN/summary.json``, else ``RUN/eval/summary.json``,
-    else every ``RUN/**/summary.json`` (sorted). Raises InputError if there is none."""
+    else every ``RUN/**/summary.json`` (sorted); files named so that are not evaluation summaries
+    are passed over. ``run`` may also be a summary file. Raises InputError if there is none."""
     run = Path(run)
-    if run.is_file() and run.name.endswith(".json"):
+    if run.is_file():
         return [run]
     if not run.is_dir():
         raise InputError(f"{run}: no such run folder")
-    for candidate in (run / "summary.json", run / "eval" / "summary.json"):
-        if candidate.is_file():
-            return [candidate]
-    found = sorted(run.rglob("summary.json"))
+    candidates = [run / "summary.json", run / "eval" / "summary.json"] + sorted(run.glob("**/summary.json"))
+    found = list(dict.fromkeys(path for path in candidates if path.is_file() and _is_summary(path)))
     if not found:
-        raise InputError(f"{run}: no evaluation summary.json in it (run `skcdf evaluate ... --out {run}/eval` first)")
-    return found
+        raise InputError(f"{run}: no evaluation summary.json in it (run `skcdf evaluate PRED GT --out {run}/eval` first)")
+    return found[:1] if found[0].parent in (run, run / "eval") else found
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        load_summary(path)
+    except InputError:
+        return False
+    return True
 
 
 def load_summary(path: str | Path) -> dict:
