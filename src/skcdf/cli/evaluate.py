@@ -7,7 +7,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 from skcdf.utils import InputError
 
@@ -35,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="prepared data set (or dataset.json) giving class names when GT is a label folder")
     evaluate.add_argument("--workers", type=int, default=None, metavar="N",
                           help="processes, one case each (default: one per CPU core)")
-    evaluate.set_defaults(func=_handler(_evaluate))
+    evaluate.set_defaults(func=_evaluate)
 
     report = subparsers.add_parser(
         "report",
@@ -51,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--out", default=None, metavar="FILE", help="also write the table to this Markdown file")
     report.add_argument("--ddof", type=int, choices=(0, 1), default=0,
                         help="std across seeds: 0 population (default), 1 sample")
-    report.set_defaults(func=_handler(_report))
+    report.set_defaults(func=_report)
 
     overlay = subparsers.add_parser(
         "overlay",
@@ -68,26 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "(default: a dataset.json beside LABEL or one folder up)")
     overlay.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                          help="intensity display range (default: 1st..99th percentile)")
-    overlay.set_defaults(func=_handler(_overlay))
+    overlay.set_defaults(func=_overlay)
 
     curves = subparsers.add_parser("curves", help="plot loss and validation Dice of a training run",
                                    description="Reads RUN/metrics.csv (or RUN itself when it is a CSV file).")
     curves.add_argument("run", metavar="RUN")
     curves.add_argument("--out", required=True, metavar="PNG")
-    curves.set_defaults(func=_handler(_curves))
-
-
-def _handler(work: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run ``work``, turning an InputError into one line on stderr and exit status 2."""
-
-    def handle(args: argparse.Namespace) -> int:
-        try:
-            return work(args)
-        except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return handle
+    curves.set_defaults(func=_curves)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
