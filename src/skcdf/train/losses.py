@@ -1,0 +1,71 @@
+"""Segmentation losses of the SKCDF step (SPEC §2): Dice + cross-entropy, plain and balanced.
+
+``dice_ce`` is the reference's nnU-Net style loss: voxel-mean cross-entropy plus
+(1 − mean over foreground classes of the soft Dice), the Dice sums taken over the whole batch
+at once ("batch dice", smooth 1, background excluded). Per-class sums are gathered with
+``index_add_`` on the label instead of a one-hot tensor, which saves a K-times larger buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BALANCE_MODES = ("reference", "exclude")
+_SMOOTH = 1.0
+
+
+def _class_sums(probs: Tensor, labels: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class sums over batch and voxels: (intersection, predicted mass, label count), each (K,).
+
+    probs (b,K,D,H,W) softmax; labels (b,D,H,W) int64; weight (b,D,H,W) float or None (all ones).
+    """
+    num_classes = probs.shape[1]
+    prob_of_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # (b,D,H,W)
+    ones = torch.ones_like(prob_of_label) if weight is None else weight
+    if weight is not None:
+        prob_of_label = prob_of_label * weight
+        probs = probs * weight.unsqueeze(1)
+    flat_labels = labels.reshape(-1)
+    zeros = probs.new_zeros(num_classes)
+    intersection = zeros.index_add(0, flat_labels, prob_of_label.reshape(-1))
+    label_count = zeros.index_add(0, flat_labels, ones.reshape(-1))
+    predicted = probs.sum((0, 2, 3, 4))
+    return intersection, predicted, label_count
+
+
+def _dice_ce(logits: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
+    logits = logits.float()  # losses in fp32 also under autocast
+    ce_per_voxel = F.cross_entropy(logits, labels, reduction="none")
+    if weight is None:
+        ce = ce_per_voxel.mean()
+    else:
+        ce = (ce_per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
+    intersection, predicted, label_count = _class_sums(logits.softmax(1), labels, weight)
+    dice = (2 * intersection + _SMOOTH) / (predicted + label_count + _SMOOTH)
+    return ce + 1.0 - dice[1:].mean()
+
+
+def dice_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Reference DiceCE: CE (mean over voxels) + 1 − mean foreground batch soft Dice (smooth 1).
+
+    logits (b,K,D,H,W) any float dtype; labels (b,D,H,W) int64 in [0, K). Returns a 0-d fp32 tensor.
+    """
+    return _dice_ce(logits, labels, None)
+
+
+def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "reference") -> Tensor:
+    """DiceCE restricted by a voxel mask (the auxiliary balanced head's loss).
+
+    logits (b,K,D,H,W); labels (b,D,H,W) int64; mask (b,D,H,W) of 0/1 (any float dtype).
+    mode "reference": multiply logits and labels by the mask, then plain DiceCE (masked voxels become
+      background with uniform logits and carry no gradient, but still count in the CE mean and the
+      Dice denominators) — what produced the published numbers.
+    mode "exclude": masked voxels are left out of the CE mean and of every Dice sum.
+    """
+    if mode == "reference":
+        return _dice_ce(logits * mask.unsqueeze(1).to(logits.dtype), labels * mask.to(labels.dtype), None)
+    if mode == "exclude":
+        return _dice_ce(logits, labels, mask.float())
+    raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")
