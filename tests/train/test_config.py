@@ -1,0 +1,85 @@
+"""Presets, --set overrides, variant defaults and configuration errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skcdf.train.config import DEFAULTS, VARIANTS, load_config, parse_overrides, preset_names, resolve_config
+from skcdf.utils import InputError
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_presets_ship_the_paper_settings():
+    assert {"synapse_20p", "amos_5p", "phantom"} <= set(preset_names())
+    synapse, amos = load_config("synapse_20p"), load_config("amos_5p")
+    for config in (synapse, amos):
+        assert config["patch_size"] == [64, 128, 128]
+        assert (config["batch_labeled"], config["batch_unlabeled"], config["filters"]) == (2, 2, 32)
+        assert (config["num_heads"], config["epochs"], config["val_every"]) == (2, 1500, 1)
+        assert config["ema_order"] == "Hl,D,Hu" and config["weight_decay"] == pytest.approx(3e-5)
+    assert (synapse["lr"], amos["lr"]) == (0.3, 0.1)
+    assert amos["labeled_split"] == "labeled_5p"
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config("phantom", ["patch_size=[32, 64, 64]", "epochs=3", "lr=1e-2", "amp=true"])
+    assert config["patch_size"] == [32, 64, 64] and config["epochs"] == 3 and config["amp"] is True
+    assert config["lr"] == pytest.approx(0.01)  # YAML 1.1 reads 1e-2 as a string; it becomes a float
+    assert parse_overrides(["ema_order=D"]) == {"ema_order": "D"}
+
+
+def test_yaml_file_and_variant_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"variant": "df_absh", "skcm": True}))
+    config = load_config(str(path))
+    assert (config["skcm"], config["aux_heads"], config["shared_decoder"]) == (True, True, False)  # skcm overridden
+    assert config["ema_order"] == "Hl,D,Hu"
+    for variant, switches in VARIANTS.items():
+        resolved = resolve_config({"variant": variant})
+        assert all(resolved[key] == switches[key] for key in ("skcm", "aux_heads", "shared_decoder", "ema_order"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bogus=1"], "unknown configuration key 'bogus'"),
+    (["epoch=3"], "did you mean 'epochs'"),
+    (["variant=mystery"], "variant must be one of"),
+    (["ema_order=Hl,X"], "unknown EMA step"),
+    (["patch_size=[48,128,128]"], "multiples of 32"),
+    (["variant=df", "patch_size=[24,32,32]"], "multiples of 16"),
+    (["patch_size=[64,128]"], "three integers"),
+    (["batch_labeled=0"], "batch_labeled must be >= 1"),
+    (["batch_unlabeled=1.5"], "batch_unlabeled must be an integer"),
+    (["labeled_cases=0"], "labeled_cases must be >= 1"),
+    (["variant=baseline", "ema_order=D"], "needs two decoders"),
+    (["variant=df", "ema_order=Hl,D"], "needs aux_heads"),
+    (["lr=0"], "lr must be > 0"),
+    (["lr=abc"], "lr must be a finite number"),
+    (["balance_mode=soft"], "balance_mode must be one of"),
+    (["inference_decoder=both"], "inference_decoder must be"),
+    (["device=tpu"], "device must be"),
+    (["amp=maybe"], "amp must be true or false"),
+    (["epochs"], "expected key=value"),
+])
+def test_bad_configurations_are_clear_errors(overrides, message):
+    with pytest.raises(InputError, match=message):
+        load_config("synapse_20p", overrides)
+
+
+def test_unknown_preset_and_bad_file(tmp_path):
+    with pytest.raises(InputError, match="neither a YAML file nor a preset"):
+        load_config("no_such_preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(InputError, match="bad.yaml: expected a mapping"):
+        load_config(str(bad))
+    bad.write_text("epochs: 2\nfilterz: 3\n")
+    with pytest.raises(InputError, match=r"bad.yaml: unknown configuration key 'filterz'"):
+        load_config(str(bad))
+
+
+def test_every_key_is_documented():
+    text = DOCS.read_text()
+    missing = [key for key in DEFAULTS if f"`{key}`" not in text]
+    assert not missing, f"keys missing from {DOCS}: {missing}"
