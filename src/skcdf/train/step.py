@@ -1,0 +1,97 @@
+"""The loss of one training iteration (SPEC §2), for the two families of variants.
+
+``semi_supervised_loss`` is the SKCDF step (also baseline / df / df_skcm / df_absh: the switches
+live in the model and the configuration); ``supervised_loss`` serves labeled_only and
+fully_supervised. Both return the total loss (with graph) and the detached loss terms, in the
+order of ``LOSS_TERMS``, so the trainer can log without a host-device sync per iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from skcdf.train.balance import sample_balance_mask
+from skcdf.train.losses import balanced_dice_ce, dice_ce
+
+LOSS_TERMS = ("sup_main", "sup_bal", "unsup_main", "unsup_bal")
+
+
+class TwoFlowForward(nn.Module):
+    """Both forwards of the SKCDF step in one module call.
+
+    DistributedDataParallel expects one forward per backward; calling the model twice through DDP
+    would mark the shared encoder's gradients ready twice. Wrapping the two flows in one module makes
+    the step a single DDP (and torch.compile) call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_labeled: Tensor, x_unlabeled: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """x_labeled (B_l,1,D,H,W), x_unlabeled (B_u,1,D,H,W) ->
+        (PL, PL_a) on [X_L; X_U] by the labeled flow, each (B_l+B_u,K,D,H,W), and
+        (PU, PU_a) on X_U by the unlabeled flow, each (B_u,K,D,H,W); the aux outputs are None without aux heads.
+        """
+        batch_labeled = x_labeled.shape[0]
+        both = torch.cat([x_labeled, x_unlabeled])
+        labeled_main, labeled_aux = self.model(both, flow="labeled", n_labeled=batch_labeled)
+        unlabeled_main, unlabeled_aux = self.model(x_unlabeled, flow="unlabeled")
+        return labeled_main, labeled_aux, unlabeled_main, unlabeled_aux
+
+
+def semi_supervised_loss(
+    forward: nn.Module,
+    x_labeled: Tensor,
+    y_labeled: Tensor,
+    x_unlabeled: Tensor,
+    *,
+    unsup_weight: float,
+    keep_labeled: Tensor,
+    keep_unlabeled: Tensor,
+    balance_mode: str = "reference",
+) -> tuple[Tensor, Tensor]:
+    """L = L_sup + λ·L_unsup of SPEC §2.
+
+    forward: a TwoFlowForward (possibly wrapped by DDP / torch.compile).
+    x_labeled (B_l,1,D,H,W) float; y_labeled (B_l,D,H,W) int64; x_unlabeled (B_u,1,D,H,W) float.
+    unsup_weight: λ(t). keep_labeled / keep_unlabeled (K,): the balanced-mask probabilities p and q(epoch).
+    Returns (loss 0-d with graph, terms (4,) detached, see LOSS_TERMS).
+    """
+    batch_labeled = x_labeled.shape[0]
+    labeled_main, labeled_aux, unlabeled_main, unlabeled_aux = forward(x_labeled, x_unlabeled)
+    pseudo_label = labeled_main[batch_labeled:].detach().argmax(1)
+    sup_main = dice_ce(labeled_main[:batch_labeled], y_labeled)
+    unsup_main = dice_ce(unlabeled_main, pseudo_label)
+    if labeled_aux is None:
+        sup_bal = unsup_bal = torch.zeros((), device=sup_main.device)
+    else:
+        pseudo_label_aux = labeled_aux[batch_labeled:].detach().argmax(1)
+        mask_labeled = sample_balance_mask(keep_labeled, y_labeled)
+        mask_unlabeled = sample_balance_mask(keep_unlabeled, pseudo_label_aux)
+        sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode)
+        unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode)
+    loss = sup_main + sup_bal + unsup_weight * (unsup_main + unsup_bal)
+    return loss, torch.stack([sup_main, sup_bal, unsup_main, unsup_bal]).detach()
+
+
+def supervised_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    keep_labeled: Tensor,
+    balance_mode: str = "reference",
+) -> tuple[Tensor, Tensor]:
+    """DiceCE on labeled volumes only (labeled_only / fully_supervised), plus the balanced loss on the
+    auxiliary head when the model has one. Uses the unlabeled flow: the path that inference takes.
+
+    x (B,1,D,H,W) float; y (B,D,H,W) int64. Returns (loss, terms (4,) detached; the unsup terms are 0).
+    """
+    main, aux = model(x, flow="unlabeled")
+    sup_main = dice_ce(main, y)
+    zero = torch.zeros((), device=sup_main.device)
+    sup_bal = zero if aux is None else balanced_dice_ce(aux, y, sample_balance_mask(keep_labeled, y), balance_mode)
+    loss = sup_main + sup_bal
+    return loss, torch.stack([sup_main, sup_bal, zero, zero]).detach()

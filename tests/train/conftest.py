@@ -1,0 +1,28 @@
+"""A tiny phantom data set, made once per session, and configurations sized for it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from skcdf.data.phantom import generate_phantom
+from skcdf.train.config import load_config
+
+# 8 cases of 32x48x48 -> train 5 (2 labeled, 3 unlabeled at 40 %), eval 1, test 2.
+TINY_SETTINGS = {
+    "patch_size": [32, 32, 32], "filters": 2, "labeled_split": "labeled_40p", "unlabeled_split": "unlabeled_40p",
+    "batch_labeled": 2, "batch_unlabeled": 2, "iterations_per_epoch": 2, "epochs": 2, "val_every": 1,
+    "save_every": 1, "log_every": 1, "num_workers": 0, "device": "cpu",
+}
+
+
+def tiny_config(**overrides) -> dict:
+    """The phantom preset shrunk to the tiny data set, with ``overrides`` passed like --set."""
+    settings = {**TINY_SETTINGS, **overrides}
+    return load_config("phantom", [f"{key}={json.dumps(value)}" for key, value in settings.items()])
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    return generate_phantom(tmp_path_factory.mktemp("data") / "phantom", cases=8, shape=(32, 48, 48),
+                            labeled_percent=40, workers=1)

@@ -1,0 +1,89 @@
+"""The step's wiring (SPEC §2): which outputs feed which loss, pseudo-labels, masks, λ."""
+
+import pytest
+import torch
+from torch import nn
+
+from skcdf.nn import SKCDFNet
+from skcdf.train.losses import balanced_dice_ce, dice_ce
+from skcdf.train.step import TwoFlowForward, semi_supervised_loss, supervised_loss
+
+K, B_L, B_U, SHAPE = 4, 2, 3, (4, 6, 5)
+
+
+class FixedOutputs(nn.Module):
+    """Stands in for TwoFlowForward: returns fixed logits (leaf tensors, so their gradients can be read)."""
+
+    def __init__(self, aux: bool) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        make = lambda b: torch.randn(b, K, *SHAPE, generator=generator).requires_grad_(True)  # noqa: E731
+        self.outputs = (make(B_L + B_U), make(B_L + B_U) if aux else None, make(B_U), make(B_U) if aux else None)
+
+    def forward(self, x_labeled, x_unlabeled):
+        assert x_labeled.shape[0] == B_L and x_unlabeled.shape[0] == B_U
+        return self.outputs
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(2)
+    return (torch.rand(B_L, 1, *SHAPE, generator=generator), torch.randint(0, K, (B_L, *SHAPE), generator=generator),
+            torch.rand(B_U, 1, *SHAPE, generator=generator))
+
+
+def test_semi_supervised_loss_combines_the_right_outputs():
+    forward = FixedOutputs(aux=True)
+    x_l, y_l, x_u = _inputs()
+    keep_l, keep_u = torch.tensor([0.2, 1.0, 0.5, 0.7]), torch.tensor([0.6, 1.0, 0.8, 0.9])
+    torch.manual_seed(5)
+    loss, terms = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=3.0, keep_labeled=keep_l,
+                                       keep_unlabeled=keep_u, balance_mode="exclude")
+
+    pl, pl_aux, pu, pu_aux = (t.detach() for t in forward.outputs)
+    torch.manual_seed(5)  # the masks are the step's first two draws: labeled, then unlabeled
+    mask_l = torch.rand(y_l.shape) < keep_l[y_l]
+    pseudo, pseudo_aux = pl[B_L:].argmax(1), pl_aux[B_L:].argmax(1)
+    mask_u = torch.rand(pseudo_aux.shape) < keep_u[pseudo_aux]
+    expected = torch.stack([dice_ce(pl[:B_L], y_l), balanced_dice_ce(pl_aux[:B_L], y_l, mask_l, "exclude"),
+                            dice_ce(pu, pseudo), balanced_dice_ce(pu_aux, pseudo_aux, mask_u, "exclude")])
+    torch.testing.assert_close(terms, expected)
+    assert loss.item() == pytest.approx((expected[0] + expected[1] + 3.0 * (expected[2] + expected[3])).item(), rel=1e-6)
+
+    loss.backward()
+    labeled_main, labeled_aux = forward.outputs[0].grad, forward.outputs[1].grad
+    # pseudo-labels carry no gradient: the unlabeled half of the labeled flow gets none
+    assert torch.all(labeled_main[B_L:] == 0) and torch.all(labeled_aux[B_L:] == 0)
+    assert labeled_main[:B_L].abs().sum() > 0 and forward.outputs[3].grad.abs().sum() > 0
+
+
+def test_without_aux_heads_the_balanced_terms_vanish():
+    x_l, y_l, x_u = _inputs()
+    ones = torch.ones(K)
+    loss, terms = semi_supervised_loss(FixedOutputs(aux=False), x_l, y_l, x_u, unsup_weight=0.5,
+                                       keep_labeled=ones, keep_unlabeled=ones)
+    assert terms[1] == 0 and terms[3] == 0
+    assert loss.item() == pytest.approx((terms[0] + 0.5 * terms[2]).item(), rel=1e-6)
+
+
+def test_two_flow_forward_runs_both_flows():
+    torch.manual_seed(0)
+    model = SKCDFNet(num_classes=K, filters=2, patch_size=(32, 32, 32), dropout=False).eval()
+    x_l, x_u = torch.rand(1, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        pl, pl_aux, pu, pu_aux = TwoFlowForward(model)(x_l, x_u)
+        expected_pl = model(torch.cat([x_l, x_u]), flow="labeled", n_labeled=1)
+        expected_pu = model(x_u, flow="unlabeled")
+    assert pl.shape == (3, K, 32, 32, 32) and pu.shape == (2, K, 32, 32, 32)
+    torch.testing.assert_close((pl, pl_aux), expected_pl)
+    torch.testing.assert_close((pu, pu_aux), expected_pu)
+
+
+def test_supervised_loss_uses_the_inference_path():
+    torch.manual_seed(0)
+    model = SKCDFNet(num_classes=K, filters=2, patch_size=(16, 16, 16), skcm=False, shared_decoder=True,
+                     aux_heads=False, dropout=False)
+    x, y = torch.rand(2, 1, 16, 16, 16), torch.randint(0, K, (2, 16, 16, 16))
+    loss, terms = supervised_loss(model, x, y, keep_labeled=torch.ones(K))
+    main, _ = model(x, flow="unlabeled")
+    assert loss.item() == pytest.approx(dice_ce(main, y).item(), rel=1e-5)
+    assert terms[1:].abs().sum() == 0
