@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
 from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
+from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
 from skcdf.utils import InputError, atomic_path
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
 
 DEFAULT_STRIDE: tuple[int, int, int] = (16, 32, 32)
 
-# File endings picked up from an input folder (longest first, so ".nii.gz" wins over ".gz"-less ".nii").
-IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".gipl.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".hdr")
 
 # Training flips the two in-plane axes (SPEC §2); on a (b, C, D, H, W) tensor those are dims 3 and 4.
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))
@@ -304,10 +303,7 @@ def predict_image(
 def case_id_from_path(path: str | Path) -> str:
     """The file name without its image extension(s): ``scans/case01.nii.gz`` -> ``case01``."""
     name = Path(path).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+    return strip_suffix(name) if name.lower().endswith(IMAGE_SUFFIXES) else Path(name).stem
 
 
 def predict_image_file(

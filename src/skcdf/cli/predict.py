@@ -43,21 +43,16 @@ def _predict(args: argparse.Namespace) -> int:
     from skcdf.infer import InferenceSettings, predict_path
 
     defaults = InferenceSettings()
-    try:
-        settings = InferenceSettings(
-            decoder=args.decoder,
-            stride=tuple(args.stride) if args.stride else defaults.stride,
-            sw_batch_size=defaults.sw_batch_size if args.batch is None else args.batch,
-            blend="gaussian" if args.gaussian else "constant",
-            tta=args.tta,
-            amp=not args.no_amp,
-        )
-        device = _device(args.device)
-        model, preprocessing = load_model(args.checkpoint, device=device)
-        summary = predict_path(model, args.input, args.output, preprocessing, settings, args.split, args.original_space)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = InferenceSettings(
+        decoder=args.decoder,
+        stride=tuple(args.stride) if args.stride else defaults.stride,
+        sw_batch_size=defaults.sw_batch_size if args.batch is None else args.batch,
+        blend="gaussian" if args.gaussian else "constant",
+        tta=args.tta,
+        amp=not args.no_amp,
+    )
+    model, preprocessing = load_model(args.checkpoint, device=_device(args.device))
+    summary = predict_path(model, args.input, args.output, preprocessing, settings, args.split, args.original_space)
     print(f"wrote {len(summary.written)} file(s) to {args.output}")
     if summary.failures:
         print(f"{len(summary.failures)} case(s) failed:", file=sys.stderr)

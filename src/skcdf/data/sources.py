@@ -16,7 +16,8 @@ from skcdf.data.splits import AMOS_SPLIT, SYNAPSE_SPLIT
 from skcdf.utils import InputError
 
 # Formats SimpleITK reads that hold a whole 3-D volume in one file (or a header naming its data file).
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# File endings of the scan formats read through SimpleITK (longest first: ".nii.gz" before ".nii").
+IMAGE_SUFFIXES = (".nii.gz", ".gipl.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".hdr")
 
 LAYOUTS = ("synapse", "amos", "nifti")
 
