@@ -26,14 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from skcdf.train.config import load_config
     from skcdf.train.trainer import TrainingDiverged, train
-    from skcdf.utils import InputError
 
+    config = load_config(args.config, args.overrides)  # bad input: InputError, reported by skcdf.cli.main
     try:
-        config = load_config(args.config, args.overrides)
         train(config, args.data, args.out, resume=args.resume)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

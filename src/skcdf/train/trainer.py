@@ -40,8 +40,6 @@ from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
 from skcdf.train.step import LOSS_TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
 from skcdf.utils import InputError, atomic_write_text
 
-CHECKPOINT_FORMAT = "skcdf-checkpoint"
-
 
 class TrainingDiverged(RuntimeError):
     """A loss term became NaN or infinite; the message names the iteration and the term."""
@@ -330,7 +328,7 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
     Returns the trained model (rank 0's parameters are every rank's). Raises InputError for bad
     configurations or data (before any work) and TrainingDiverged when a loss term stops being finite.
     """
-    from skcdf.checkpoint import load_checkpoint, save_checkpoint
+    from skcdf.checkpoint import FORMAT, load_checkpoint, save_checkpoint
     from skcdf.data.layout import read_dataset_info
     from skcdf.data.loaders import CenterCropDataset
     from skcdf.nn import SKCDFNet
@@ -342,6 +340,9 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
         device = resolve_device(config["device"], procs.local_rank)
         if config["amp"] and device.type != "cuda":
             raise InputError(f"amp (mixed precision) needs a CUDA device, the run uses {device}")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives use the current device
+            torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
         info = read_dataset_info(root)
         num_classes = int(info["num_classes"])
         labeled_cases, unlabeled_cases, val_cases = _select_cases(config, root, procs)
@@ -402,8 +403,8 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
             scaler.load_state_dict(state["scaler"])
             start_epoch, iteration = state["epoch"], state["iteration"]
             best_dice, best_epoch = state["best_dice"], state["best_epoch"]
-            rng_states = state["rng"]
-            _restore_rng_state(rng_states[procs.rank % len(rng_states)], device, generators)
+            saved_world = len(state["rng"])  # one random state per process of the interrupted run
+            _restore_rng_state(state["rng"][procs.rank % saved_world], device, generators)
         class_abbrevs = list(info["class_abbrevs"])[1:]
         columns = (["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
                    + [f"loss_{term}" for term in LOSS_TERMS]
@@ -429,6 +430,9 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
         if start_epoch >= epochs:
             log.info(f"{out}: the run already finished ({epochs} epochs); nothing to do")
             return model
+        if can_resume and saved_world != procs.world:
+            log.warning(f"resuming a run of {saved_world} process(es) with {procs.world}: the data order and "
+                        "random draws will differ from those of an uninterrupted run")
         log.info(f"{'resuming at' if can_resume else 'starting'} epoch {start_epoch}: variant {config['variant']}, "
                  f"{len(labeled_cases)} labeled / {len(unlabeled_cases) if semi else 0} unlabeled cases, "
                  f"{iterations_per_epoch} iterations per epoch, {procs.world} process(es) on {device}")
@@ -512,7 +516,7 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
             if "val_dice_mean" in row:
                 message += f", val dice {row['val_dice_mean']:.2f} (best {best_dice:.2f} at epoch {best_epoch})"
             log.info(message)
-            payload = {"format": CHECKPOINT_FORMAT, "model_args": model.init_args, "model": model.state_dict(),
+            payload = {"format": FORMAT, "model_args": model.init_args, "model": model.state_dict(),
                        "preprocessing": preprocessing, "config": config, "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": iteration,
                        "best_dice": best_dice, "best_epoch": best_epoch, "rng": rng_states}
