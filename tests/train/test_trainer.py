@@ -69,7 +69,12 @@ def test_every_variant_trains(variant, tiny_phantom, tmp_path):
     assert any((run / "tb").iterdir())
 
 
-def test_resume_is_bit_exact(reference_run, tiny_phantom, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_bit_exact(workers, reference_run, tiny_phantom, tmp_path, monkeypatch):
+    config = tiny_config(num_workers=workers)  # with workers, their augmentation seeds must be restored too
+    uninterrupted = reference_run if workers == 0 else tmp_path / "uninterrupted"
+    if workers:
+        train(config, tiny_phantom, uninterrupted)
     run = tmp_path / "interrupted"
     calls = {"n": 0}
     real_loss = trainer.semi_supervised_loss
@@ -82,16 +87,16 @@ def test_resume_is_bit_exact(reference_run, tiny_phantom, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "semi_supervised_loss", interrupt_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(), tiny_phantom, run)
+        train(config, tiny_phantom, run)
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     monkeypatch.setattr(trainer, "semi_supervised_loss", real_loss)
-    train(tiny_config(), tiny_phantom, run, resume=True)
+    train(config, tiny_phantom, run, resume=True)
 
-    expected, resumed = load_checkpoint(reference_run / "last.pt"), load_checkpoint(run / "last.pt")
+    expected, resumed = load_checkpoint(uninterrupted / "last.pt"), load_checkpoint(run / "last.pt")
     _assert_same_state(expected["model"], resumed["model"])
     for index, state in expected["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], resumed["optimizer"]["state"][index]["momentum_buffer"])
-    assert _rows(reference_run) == _rows(run)
+    assert _rows(uninterrupted) == _rows(run)
 
 
 def test_same_seed_same_run_other_seed_other_run(reference_run, tiny_phantom, tmp_path):
