@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from skcdf.checkpoint import load_checkpoint
-from tests.train.conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def _free_port() -> int:

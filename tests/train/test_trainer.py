@@ -14,7 +14,7 @@ from skcdf.train import trainer
 from skcdf.train.config import VARIANTS
 from skcdf.train.trainer import TrainingDiverged, poly_lr, rampup_weight, train
 from skcdf.utils import InputError
-from tests.train.conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def _rows(run):

@@ -1,12 +1,18 @@
-"""A tiny phantom data set, made once per session, and configurations sized for it."""
+"""Shared test set-up: one torch thread per test process, a tiny phantom data set made once per
+session, and training configurations sized for it."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from skcdf.data.phantom import generate_phantom
 from skcdf.train.config import load_config
+
+# `make test` runs two pytest-xdist workers on two cores; with torch's default thread count each
+# worker oversubscribes the cores, which made small models 10-20x slower.
+torch.set_num_threads(1)
 
 # 8 cases of 32x48x48 -> train 5 (2 labeled, 3 unlabeled at 40 %), eval 1, test 2.
 TINY_SETTINGS = {

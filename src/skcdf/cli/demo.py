@@ -1,0 +1,58 @@
+"""`skcdf demo` (the main job on the phantom) and `skcdf ablate` (the paper's ablation tables)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from skcdf.demo import PRESET_MINUTES
+
+    p = subparsers.add_parser(
+        "demo", help="phantom → train SKCDF → predict → evaluate → report, on this machine",
+        description="Generate the built-in phantom, train SKCDF on it, predict and evaluate the held-out "
+                    "test cases, and write report.md with the per-class table, an overlay and curves. "
+                    "Running it again in the same folder resumes.")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--minutes", type=float, default=PRESET_MINUTES,
+                   help=f"training budget in minutes on 2 CPU cores; scales the epochs (default: {PRESET_MINUTES:g})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom and the run (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.set_defaults(func=_demo)
+
+    p = subparsers.add_parser(
+        "ablate", help="run the paper's ablation variants over seeds and write the Table 3 layout",
+        description="Train, predict and evaluate each variant for each seed, reusing finished runs, and "
+                    "write OUT/ablation.md (mean ± std over seeds).")
+    p.add_argument("preset", help="preset name (e.g. phantom, synapse_20p) or a YAML file")
+    p.add_argument("--data", required=True, help="prepared data set")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per run)")
+    p.add_argument("--variants", nargs="+", default=["baseline", "df", "df_skcm", "df_absh", "full", "labeled_only"],
+                   help="variants (default: the Table 3 rows and labeled_only)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 666], help="seeds (default: 0 1 666)")
+    p.add_argument("--ema-orders", action="store_true", help="add Table 5's knowledge-transfer orders")
+    p.add_argument("--decoders", action="store_true", help="add Table 4's labeled-decoder inference")
+    p.add_argument("--mask-modes", action="store_true", help="add the `exclude` balanced-mask mode")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="configuration override for every run (repeatable)")
+    p.set_defaults(func=_ablate)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from skcdf.demo import main_cli
+
+    return main_cli(args.out, args.minutes, args.seed, args.device)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from skcdf.ablate import plan_rows, run_ablation
+
+    rows = plan_rows(args.variants, ema_orders=args.ema_orders, decoders=args.decoders, mask_modes=args.mask_modes)
+    try:
+        table = run_ablation(args.preset, args.data, args.out, rows, args.seeds, args.overrides)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume (finished runs are reused)", file=sys.stderr)
+        return 130
+    print(table.read_text())
+    return 0

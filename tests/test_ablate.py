@@ -1,0 +1,62 @@
+"""`skcdf ablate`: rows, shared runs, the table, and resuming after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import skcdf.train.trainer as trainer
+from skcdf.ablate import AblationRow, plan_rows, run_ablation
+from skcdf.report import load_summary
+from tests.conftest import TINY_SETTINGS
+
+
+def test_plan_rows_share_runs_and_drop_duplicate_experiments():
+    rows = plan_rows(["df", "full"], ema_orders=True, decoders=True, mask_modes=True)
+    titles = [row.title for row in rows]
+    assert titles[:2] == ["+ DF", "SKCDF"]
+    # "SKCDF, EMA Hl,D,Hu" is the full variant again, so it is not run twice
+    assert not any("EMA Hl,D,Hu" in t for t in titles)
+    labeled = next(row for row in rows if row.decoder == "labeled")
+    assert labeled.run_name == rows[1].run_name == "full"  # Table 4 reuses the full run
+    assert len({(row.run_name, row.decoder) for row in rows}) == len(rows)
+    assert AblationRow("x", {"variant": "full", "ema_order": "D,Hl,Hu"}).run_name == "full_ema_order-D-Hl-Hu"
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C (a real KeyboardInterrupt would stop pytest itself)."""
+
+
+def test_ablation_resumes_after_an_interruption(tiny_phantom, tmp_path, monkeypatch):
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY_SETTINGS, "epochs": 1}.items()]
+    rows = plan_rows(["baseline", "df"])
+    real_train = trainer.train
+    calls: list[str] = []
+    interrupt_at_call = [2]
+
+    def interrupted_train(config, data, out, **kwargs):
+        calls.append(str(out))
+        if len(calls) == interrupt_at_call[0]:
+            raise Interrupted  # e.g. Ctrl-C or a lost machine during the second run
+        return real_train(config, data, out, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", interrupted_train)
+    with pytest.raises(Interrupted):
+        run_ablation("phantom", tiny_phantom, tmp_path, rows, seeds=[0], overrides=overrides)
+    first = tmp_path / "baseline" / "seed0" / "eval-unlabeled" / "summary.json"
+    first_written = first.stat().st_mtime_ns
+
+    calls.clear()
+    interrupt_at_call[0] = 0  # no more interruptions
+    table = run_ablation("phantom", tiny_phantom, tmp_path, rows, seeds=[0, 1], overrides=overrides)
+    # the finished run is reused; only the interrupted one and the new seed are trained
+    assert first.stat().st_mtime_ns == first_written
+    assert sorted(calls) == sorted(str(tmp_path / name / "seed") + s for name, s in
+                                   (("df", "0"), ("baseline", "1"), ("df", "1")))
+    text = table.read_text()
+    assert "| Baseline (pseudo-labelling) |" in text and "| + DF |" in text
+    # each row is the mean over both seeds of the runs' class-averaged Dice
+    dice = [load_summary(tmp_path / "df" / f"seed{s}" / "eval-unlabeled" / "summary.json")["average"]["dice"]
+            for s in (0, 1)]
+    assert f"{(dice[0] + dice[1]) / 2:.2f} ±" in text
