@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +38,8 @@ from medpy.metric import binary as medpy
 from scipy import ndimage
 
 from skcdf.metrics import class_boxes, evaluate_case, evaluate_folders, surface_voxels
+
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
 
 SHAPE = (200, 512, 512)
 SPACING = (2.5, 0.7, 0.7)
@@ -128,16 +129,6 @@ def folder_seconds(pred: np.ndarray, gt: np.ndarray, cases: int, workers: list[i
             evaluate_folders(folders["pred"], folders["gt"], Path(tmp, f"eval{count}"), workers=count)
             seconds[count] = time.perf_counter() - start
     return seconds
-
-
-def cpu_name() -> str:
-    """The CPU model as `lscpu` reports it (from /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from skcdf.infer import InferenceSettings, predict_volume
 from skcdf.nn import SKCDFNet
+
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
 
 PAPER = {"filters": 32, "patch": (64, 128, 128), "volume": (80, 160, 160)}
 QUICK = {"filters": 8, "patch": (32, 64, 64), "volume": (40, 80, 80)}
@@ -31,16 +31,6 @@ NUM_CLASSES = 14
 def window_count(volume: tuple[int, ...], patch: tuple[int, ...], stride: tuple[int, ...]) -> int:
     """Windows per volume: per axis ceil((n - p) / s) + 1, the last one flush with the end."""
     return math.prod(math.ceil(max(n - p, 0) / s) + 1 for n, p, s in zip(volume, patch, stride))
-
-
-def cpu_name() -> str:
-    """The CPU model as `lscpu` shows it (Linux), else what the platform module knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def time_device(device: str, setup: dict, settings: InferenceSettings, repeats: int) -> list[float]:

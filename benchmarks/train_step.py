@@ -26,6 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
+
 CONFIGS = {"paper": "synapse_20p", "phantom": "phantom"}  # name -> training preset
 NUM_CLASSES = 14
 OMEGA = 0.99
@@ -158,7 +160,7 @@ def main() -> None:
         print(json.dumps(measure(config, implementation, device, int(repeats), batch)))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print("| configuration | volumes | device | implementation | median ms / iteration | repeats | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|")
