@@ -79,6 +79,9 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     report = out / "report.md"
     atomic_write_text(report, _report_text(out, run, data, case, time.monotonic() - started))
     print((evaluation / "table.md").read_text())
+    _log(f"overlay: {out / 'overlay.png'}   curves: {out / 'curves.png'}")
+    _log(f"trained model: {run / 'best.pt'} — predict a scan with:\n"
+         f"  skcdf predict {shlex.quote(str(run))} path/to/scan.nii.gz {shlex.quote(str(out / 'my_scan'))}")
     _log(f"done in {(time.monotonic() - started) / 60:.1f} min — report: {report}")
     return report
 

@@ -9,7 +9,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "import-reference", help="convert a reference-implementation best_model.pth into an skcdf checkpoint",
         description="Read a reference SKCDF state dict (weights_only), check every key and shape, and write "
-                    "an skcdf checkpoint that `skcdf predict` and `skcdf train --set init=…` accept.")
+                    "an skcdf checkpoint that `skcdf predict` accepts.")
     p.add_argument("checkpoint", help="reference best_model.pth")
     p.add_argument("out", help="output .pt file")
     p.add_argument("--patch-size", nargs=3, type=int, default=(64, 128, 128), metavar=("D", "H", "W"),
