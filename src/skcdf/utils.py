@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -28,9 +28,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A fresh name, not a file: the writer creates it, so it gets the usual permissions (umask)
+    # rather than mkstemp's owner-only 0600.
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp{suffix}"
     try:
         yield tmp
         os.replace(tmp, final)
