@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,11 +313,14 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out}: already exists and is not empty; choose another folder or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    # mkdir (not mkdtemp, which makes it owner-only) so the data set gets the usual permissions
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.partial"
+    staging.mkdir()
     try:
         yield staging
         if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            retired = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+            retired.mkdir()
             os.replace(out, retired / out.name)
             os.replace(staging, out)
             shutil.rmtree(retired)
