@@ -25,12 +25,12 @@ VARIANT_TITLES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class AblationRow:
     """One row of an ablation table: ``title``, the training overrides and the inference decoder."""
 
     title: str
-    overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    overrides: dict[str, Any] = field(default_factory=dict)
     decoder: str = "unlabeled"
 
     @property

@@ -81,14 +81,14 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     print((evaluation / "table.md").read_text())
     _log(f"overlay: {out / 'overlay.png'}   curves: {out / 'curves.png'}")
     _log(f"trained model: {run / 'best.pt'} — predict a scan with:\n"
-         f"  skcdf predict {shlex.quote(str(run))} path/to/scan.nii.gz {shlex.quote(str(out / 'my_scan'))}")
+         f"  skcdf predict {_shell_word(run)} path/to/scan.nii.gz {_shell_word(out / 'my_scan')}")
     _log(f"done in {(time.monotonic() - started) / 60:.1f} min — report: {report}")
     return report
 
 
 def _report_text(out: Path, run: Path, data: Path, case: str, seconds: float) -> str:
     table = (out / "eval" / "table.md").read_text()
-    q = lambda p: shlex.quote(str(p))  # noqa: E731 — commands a user can paste
+    q = _shell_word
     return f"""# skcdf demo report
 
 SKCDF trained on the built-in phantom ({data}) on this machine; total time {seconds / 60:.1f} min.
@@ -119,12 +119,17 @@ skcdf overlay {q(data / 'npy' / f'{case}_image.npy')} {q(data / 'npy' / f'{case}
 """
 
 
+def _shell_word(path: Path) -> str:
+    """``path`` quoted for a shell command a user can paste."""
+    return shlex.quote(str(path))
+
+
 def main_cli(out: str, minutes: float, seed: int, device: str) -> int:
     """Entry for `skcdf demo`: Ctrl-C stops cleanly and says how to resume."""
     try:
         run_demo(out, minutes, seed, device)
     except KeyboardInterrupt:
-        print(f"\n[demo] interrupted. Resume where it stopped with:\n  skcdf demo --out {shlex.quote(str(out))}"
+        print(f"\n[demo] interrupted. Resume where it stopped with:\n  skcdf demo --out {_shell_word(out)}"
               + (f" --minutes {minutes:g}" if minutes != PRESET_MINUTES else ""), file=sys.stderr)
         return 130
     return 0
