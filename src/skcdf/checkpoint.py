@@ -7,6 +7,7 @@ which refuses anything but tensors and plain containers, so loading one never ru
 from __future__ import annotations
 
 import pickle
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +30,73 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     """``torch.save`` the payload atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def cpu_copy(payload: Any) -> Any:
+    """A snapshot of ``payload`` with every tensor copied to the CPU (containers rebuilt, other values kept).
+
+    The copy is what a background write may read while training goes on updating the originals in place.
+    """
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().to("cpu", copy=True)
+    if isinstance(payload, dict):
+        return {key: cpu_copy(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return type(payload)(cpu_copy(value) for value in payload)
+    return payload
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, so that training continues while the files are written.
+
+    ``save`` snapshots the payload to the CPU on the calling thread (the only part that waits: a copy,
+    not the serialisation and the disk), then writes each file atomically in the background. At most
+    one write is in flight: ``save`` and ``wait`` first finish the previous one, and re-raise its error
+    if it failed. Use it as a context manager so that the last write is finished before the run ends.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, payload: dict, paths: Sequence[str | Path]) -> None:
+        """Write ``payload`` to every path in ``paths`` (e.g. last.pt and best.pt) in the background."""
+        self.wait()
+        if not paths:
+            return
+        snapshot = cpu_copy(payload)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, [Path(p) for p in paths]),
+                                        name="skcdf-checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, payload: dict, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                save_checkpoint(path, payload)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        """Finish the last write. When the block already fails, its exception wins; a write error becomes a note."""
+        if exc is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except Exception as write_error:
+            exc.add_note(f"writing a checkpoint failed too: {write_error!r}")
 
 
 def load_checkpoint(path: str | Path) -> dict:
