@@ -6,11 +6,13 @@ a smoke run. Reports the median wall time over ``--repeats`` runs and windows pe
 and on CUDA when present.
 
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
+                                           [--jsonl FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=InferenceSettings().sw_batch_size, help="windows per forward")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per window)")
     parser.add_argument("--device", choices=("cpu", "cuda"), action="append", help="default: cpu, and cuda if present")
+    parser.add_argument("--jsonl", help="also append one JSON object per device to this file")
     args = parser.parse_args()
 
     setup = QUICK if args.quick else PAPER
@@ -75,6 +78,11 @@ def main() -> None:
             f"{device} ({name}): median {median:.2f} s per volume over "
             f"{repeats} runs ({', '.join(f'{s:.2f}' for s in seconds)}), {windows / median:.2f} windows/s"
         )
+        if args.jsonl:
+            row = {"benchmark": "predict", "device": device, "volume": list(setup["volume"]), "batch": args.batch,
+                   "tta": args.tta, "median_s": median, "repeats": repeats, "windows_per_s": windows / median}
+            with open(args.jsonl, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
