@@ -140,8 +140,8 @@ def measure(config_name: str, implementation: str, device_name: str, repeats: in
         with autocast:
             if implementation == "skcdf":
                 transfer.apply()
-                loss, _ = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0,
-                                               keep_labeled=keep_l, keep_unlabeled=keep_u)
+                loss, _, _ = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0,
+                                                  keep_labeled=keep_l, keep_unlabeled=keep_u)
             else:
                 _straightforward_ema(model)
                 loss = _straightforward_loss(model, x_l, y_l, x_u, keep_l, keep_u, 1.0)

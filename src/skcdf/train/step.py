@@ -2,8 +2,9 @@
 
 ``semi_supervised_loss`` is the SKCDF step (also baseline / df / df_skcm / df_absh: the switches
 live in the model and the configuration); ``supervised_loss`` serves labeled_only and
-fully_supervised. Both return the total loss (with graph) and the detached loss terms, in the
-order of ``LOSS_TERMS``, so the trainer can log without a host-device sync per iteration.
+fully_supervised. Both return the total loss (with graph), the detached loss terms in the order of
+``LOSS_TERMS`` (so the trainer can log without a host-device sync per iteration) and the
+pseudo-labels the step trained on (for :class:`skcdf.train.monitor.PseudoLabelMonitor`).
 """
 
 from __future__ import annotations
@@ -51,19 +52,21 @@ def semi_supervised_loss(
     keep_labeled: Tensor,
     keep_unlabeled: Tensor,
     balance_mode: str = "reference",
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """L = L_sup + λ·L_unsup of SPEC §2.
 
     forward: a TwoFlowForward (possibly wrapped by DDP / torch.compile).
     x_labeled (B_l,1,D,H,W) float; y_labeled (B_l,D,H,W) int64; x_unlabeled (B_u,1,D,H,W) float.
     unsup_weight: λ(t). keep_labeled / keep_unlabeled (K,): the balanced-mask probabilities p and q(epoch).
-    Returns (loss 0-d with graph, terms (4,) detached, see LOSS_TERMS).
+    Returns (loss 0-d with graph, terms (4,) detached, see LOSS_TERMS,
+    pseudo-labels {"main": (B_u,D,H,W) int64, and "aux" with aux heads}).
     """
     batch_labeled = x_labeled.shape[0]
     labeled_main, labeled_aux, unlabeled_main, unlabeled_aux = forward(x_labeled, x_unlabeled)
     pseudo_label = labeled_main[batch_labeled:].detach().argmax(1)
     sup_main = dice_ce(labeled_main[:batch_labeled], y_labeled)
     unsup_main = dice_ce(unlabeled_main, pseudo_label)
+    pseudo_labels = {"main": pseudo_label}
     if labeled_aux is None:
         sup_bal = unsup_bal = torch.zeros((), device=sup_main.device)
     else:
@@ -72,8 +75,9 @@ def semi_supervised_loss(
         mask_unlabeled = sample_balance_mask(keep_unlabeled, pseudo_label_aux)
         sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode)
         unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode)
+        pseudo_labels["aux"] = pseudo_label_aux
     loss = sup_main + sup_bal + unsup_weight * (unsup_main + unsup_bal)
-    return loss, torch.stack([sup_main, sup_bal, unsup_main, unsup_bal]).detach()
+    return loss, torch.stack([sup_main, sup_bal, unsup_main, unsup_bal]).detach(), pseudo_labels
 
 
 def supervised_loss(
@@ -83,15 +87,16 @@ def supervised_loss(
     *,
     keep_labeled: Tensor,
     balance_mode: str = "reference",
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """DiceCE on labeled volumes only (labeled_only / fully_supervised), plus the balanced loss on the
     auxiliary head when the model has one. Uses the unlabeled flow: the path that inference takes.
 
-    x (B,1,D,H,W) float; y (B,D,H,W) int64. Returns (loss, terms (4,) detached; the unsup terms are 0).
+    x (B,1,D,H,W) float; y (B,D,H,W) int64. Returns (loss, terms (4,) detached; the unsup terms are 0,
+    no pseudo-labels: {}).
     """
     main, aux = model(x, flow="unlabeled")
     sup_main = dice_ce(main, y)
     zero = torch.zeros((), device=sup_main.device)
     sup_bal = zero if aux is None else balanced_dice_ce(aux, y, sample_balance_mask(keep_labeled, y), balance_mode)
     loss = sup_main + sup_bal
-    return loss, torch.stack([sup_main, sup_bal, zero, zero]).detach()
+    return loss, torch.stack([sup_main, sup_bal, zero, zero]).detach(), {}
