@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skcdf.train.config import DEFAULTS, VARIANTS, load_config, parse_overrides, preset_names, resolve_config
+from skcdf.train.config import (DEFAULTS, VARIANTS, hardware_settings, load_config, parse_overrides, preset_names,
+                                resolve_config)
 from skcdf.utils import InputError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -59,12 +60,26 @@ def test_yaml_file_and_variant_defaults(tmp_path):
     (["balance_mode=soft"], "balance_mode must be one of"),
     (["inference_decoder=both"], "inference_decoder must be"),
     (["device=tpu"], "device must be"),
-    (["amp=maybe"], "amp must be true or false"),
+    (["amp=maybe"], "amp must be true, false or auto"),
+    (["channels_last=1"], "channels_last must be true, false or auto"),
     (["epochs"], "expected key=value"),
 ])
 def test_bad_configurations_are_clear_errors(overrides, message):
     with pytest.raises(InputError, match=message):
         load_config("synapse_20p", overrides)
+
+
+def test_hardware_settings_auto_means_on_for_cuda_only():
+    auto = load_config("synapse_20p")
+    assert (auto["amp"], auto["channels_last"]) == ("auto", "auto")
+    assert hardware_settings(auto, "cuda") == {"amp": True, "channels_last": True}
+    assert hardware_settings(auto, "cpu") == hardware_settings(auto, "mps") == {"amp": False, "channels_last": False}
+    fp32 = load_config("synapse_20p", ["amp=false"])  # exact reference reproduction on CUDA
+    assert hardware_settings(fp32, "cuda") == {"amp": False, "channels_last": True}
+    explicit = load_config("synapse_20p", ["amp=false", "channels_last=true"])
+    assert hardware_settings(explicit, "cpu") == {"amp": False, "channels_last": True}
+    with pytest.raises(InputError, match="amp \\(mixed precision\\) needs a CUDA device, the run uses cpu"):
+        hardware_settings(load_config("synapse_20p", ["amp=true"]), "cpu")
 
 
 def test_unknown_preset_and_bad_file(tmp_path):

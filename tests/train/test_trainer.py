@@ -99,6 +99,18 @@ def test_resume_is_bit_exact(workers, reference_run, tiny_phantom, tmp_path, mon
     assert _rows(uninterrupted) == _rows(run)
 
 
+def test_each_stream_draws_batches_of_its_own_size(tiny_phantom):
+    # the unlabeled stream carries labels (for the pseudo-label monitor) but keeps batch_unlabeled
+    from skcdf.data.layout import read_split
+
+    config = tiny_config(batch_labeled=1, batch_unlabeled=2)
+    for stream, split, batch in (("labeled", "labeled_40p", 1), ("unlabeled", "unlabeled_40p", 2)):
+        loader, generators = trainer._make_stream(tiny_phantom, read_split(tiny_phantom, split), config, None, True,
+                                                  stream, trainer.Processes(), False)
+        assert next(iter(loader))["image"].shape[0] == batch and set(generators) == {f"{stream}_order",
+                                                                                     f"{stream}_workers"}
+
+
 def test_same_seed_same_run_other_seed_other_run(reference_run, tiny_phantom, tmp_path):
     again = train(tiny_config(), tiny_phantom, tmp_path / "again").state_dict()
     _assert_same_state(load_checkpoint(reference_run / "last.pt")["model"], again)
@@ -123,7 +135,7 @@ def test_run_folder_is_never_overwritten(reference_run, tiny_phantom, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"labeled_cases": 3}, "labeled_cases: 3 requested but split 'labeled_40p'"),
-    ({"batch_labeled": 3}, "batch_labeled: 3 per step x 1 process"),
+    ({"batch_labeled": 3}, "batch_labeled: 3 per step needs at least that many labeled cases, the split has 2"),
     ({"unlabeled_split": "unlabeled_99p"}, "unlabeled_99p"),
     ({"class_frequency": [1, 2, 3]}, "class_frequency: 3 counts given, the data set has 14 classes"),
     ({"amp": True}, "amp \\(mixed precision\\) needs a CUDA device"),

@@ -62,8 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     # hardware
     "device": "auto",
-    "amp": False,
-    "channels_last": False,
+    "amp": "auto",  # auto: bf16 autocast on CUDA, fp32 elsewhere (see hardware_settings)
+    "channels_last": "auto",  # auto: channels_last_3d on CUDA
     "compile": False,
     "sync_batchnorm": False,
 }
@@ -82,7 +82,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # Keys that may change when a run is resumed: they do not change what is computed.
 RUNTIME_KEYS = ("device", "num_workers", "log_every", "compile", "channels_last")
 
-_BOOL_KEYS = ("dropout", "nesterov", "amp", "channels_last", "compile", "sync_batchnorm")
+_BOOL_KEYS = ("dropout", "nesterov", "compile", "sync_batchnorm")
+_AUTO_BOOL_KEYS = ("amp", "channels_last")  # true, false or "auto" (on for CUDA, off elsewhere)
 _POSITIVE_INT_KEYS = ("filters", "num_heads", "batch_labeled", "batch_unlabeled", "epochs", "save_every", "log_every")
 _NON_NEGATIVE_INT_KEYS = ("num_workers", "val_every")
 _OPTIONAL_POSITIVE_INT_KEYS = ("iterations_per_epoch", "labeled_cases")
@@ -178,6 +179,9 @@ def resolve_config(config: dict[str, Any], source: str = "configuration") -> dic
     for key in _BOOL_KEYS + ("skcm", "aux_heads", "shared_decoder"):
         if not isinstance(config[key], bool):
             raise _fail(source, key, "must be true or false", config[key])
+    for key in _AUTO_BOOL_KEYS:
+        if not (isinstance(config[key], bool) or config[key] == "auto"):
+            raise _fail(source, key, "must be true, false or auto", config[key])
     for key in _POSITIVE_INT_KEYS + _NON_NEGATIVE_INT_KEYS + _OPTIONAL_POSITIVE_INT_KEYS + ("seed",):
         value = config[key]
         if value is None and key in _OPTIONAL_POSITIVE_INT_KEYS:
@@ -235,6 +239,22 @@ def resolve_config(config: dict[str, Any], source: str = "configuration") -> dic
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
         raise _fail(source, "device", "must be auto, cpu, cuda, cuda:N or mps", device)
     return config
+
+
+def hardware_settings(config: dict[str, Any], device_type: str) -> dict[str, bool]:
+    """{"amp": ..., "channels_last": ...} for a run on a device of type ``device_type`` ("cuda", "cpu", "mps").
+
+    ``auto`` turns both on for CUDA (bf16 autocast and channels_last_3d: the fast path of recent GPUs)
+    and off elsewhere, so that CPU and MPS runs keep the reference's fp32 numerics and stay bit-exact
+    on resume. ``amp: false`` keeps CUDA runs in fp32, as the reference trains.
+
+    Raises:
+        InputError: ``amp: true`` on a device other than CUDA.
+    """
+    settings = {key: device_type == "cuda" if config[key] == "auto" else config[key] for key in _AUTO_BOOL_KEYS}
+    if settings["amp"] and device_type != "cuda":
+        raise InputError(f"amp (mixed precision) needs a CUDA device, the run uses {device_type}")
+    return settings
 
 
 def step_kind(config: dict[str, Any]) -> str:

@@ -9,8 +9,9 @@ them are checkpointed at epoch boundaries, and every epoch starts fresh data ite
 run continues exactly where the interrupted one was (bit for bit on CPU).
 
 Multi-GPU: under ``torchrun`` each process trains on its shard of both streams with
-DistributedDataParallel; the SKCM's cross attention stays within each rank's own [X_L; X_U]. Only
-rank 0 validates and writes.
+DistributedDataParallel (a labeled split too small to shard is drawn whole by every rank, each in
+its own order); the SKCM's cross attention stays within each rank's own [X_L; X_U]. Only rank 0
+validates and writes; checkpoints are written in the background (skcdf.checkpoint.CheckpointWriter).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +35,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from skcdf.train.balance import class_keep_probabilities, unlabeled_keep_probabilities
-from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, step_kind, to_yaml
+from skcdf.checkpoint import CheckpointWriter
+from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, hardware_settings, step_kind, to_yaml
 from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
 from skcdf.train.monitor import HEADS, PseudoLabelMonitor, validate_heads
 from skcdf.train.step import LOSS_TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
@@ -111,8 +113,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 class ShardedRandomSampler(Sampler[int]):
     """A fresh random permutation per pass, this rank's share of it (DistributedSampler's scheme).
 
-    Driven by ``generator``, which every rank seeds identically so that the shards are disjoint, and
-    which is checkpointed so that a resumed run draws the same permutations.
+    Driven by ``generator``, which every rank seeds identically so that the shards are disjoint (or,
+    with world = 1, each rank seeds its own to draw from every case), and which is checkpointed so
+    that a resumed run draws the same permutations.
     """
 
     def __init__(self, size: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> None:
@@ -132,24 +135,44 @@ def _stream_seed(seed: int, stream: str, rank: int | None = None) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> 1)
 
 
+def shards_labeled_cases(num_labeled: int, batch_labeled: int, world: int) -> bool:
+    """Whether the labeled cases are sharded across the processes: only when every shard fills a batch.
+
+    Otherwise (e.g. 4 labeled cases, 2 per step, 8 GPUs) every process draws from all of them.
+    """
+    return num_labeled // world >= batch_labeled
+
+
 def _make_stream(root: Path, cases: list[str], config: dict, window: Any, with_labels: bool,
                  stream: str, procs: Processes, pin_memory: bool) -> tuple[DataLoader, dict[str, torch.Generator]]:
-    """Training loader of random patches; returns it with the generators that determine it."""
+    """Training loader of random patches; returns it with the generators that determine it.
+
+    The unlabeled stream, and the labeled one where it has enough cases, is sharded: every rank draws
+    the same permutation per pass and takes its share. A labeled stream too small to shard is drawn
+    whole by every rank in its own order, seeded with seed + rank: rank r draws its labeled cases as
+    a one-process run with seed + r would.
+    """
     from skcdf.data.loaders import PatchDataset
 
-    order = torch.Generator().manual_seed(_stream_seed(config["seed"], stream))
+    batch = config[f"batch_{stream}"]  # not from with_labels: the unlabeled stream may carry labels for the monitor
+    if stream == "labeled" and not shards_labeled_cases(len(cases), batch, procs.world):
+        order = torch.Generator().manual_seed(_stream_seed(config["seed"] + procs.rank, stream))
+        sampler = ShardedRandomSampler(len(cases), order)
+    else:
+        order = torch.Generator().manual_seed(_stream_seed(config["seed"], stream))
+        sampler = ShardedRandomSampler(len(cases), order, procs.rank, procs.world)
     workers = torch.Generator().manual_seed(_stream_seed(config["seed"], stream, procs.rank))
     dataset = PatchDataset(root, cases, tuple(config["patch_size"]), with_labels=with_labels,
                            window=window, flips=True)
-    batch = config["batch_labeled" if with_labels else "batch_unlabeled"]
     loader = DataLoader(dataset, batch_size=batch, drop_last=True, num_workers=config["num_workers"],
-                        sampler=ShardedRandomSampler(len(cases), order, procs.rank, procs.world),
-                        generator=workers, pin_memory=pin_memory)
+                        sampler=sampler, generator=workers, pin_memory=pin_memory)
     return loader, {f"{stream}_order": order, f"{stream}_workers": workers}
 
 
 def _forever(loader: DataLoader) -> Iterator[dict]:
     """Batches of ``loader`` pass after pass (the smaller labeled set is cycled to match the epoch)."""
+    if len(loader) == 0:  # fewer cases than a batch (drop_last): looping would never yield
+        raise RuntimeError(f"a training stream of {len(loader.dataset)} cases yields no batch of {loader.batch_size}")
     while True:
         yield from loader
 
@@ -169,10 +192,12 @@ def _select_cases(config: dict, root: Path, procs: Processes) -> tuple[list[str]
             raise InputError(f"labeled_cases: {wanted} requested but split {config['labeled_split']!r} "
                              f"of {root} has {len(labeled)} cases")
         labeled = labeled[:wanted]
-    for cases, batch_key in ((labeled, "batch_labeled"), (unlabeled, "batch_unlabeled")):
-        if len(cases) // procs.world < config[batch_key]:
-            raise InputError(f"{batch_key}: {config[batch_key]} per step x {procs.world} process(es) needs at least "
-                             f"{config[batch_key] * procs.world} cases, the split has {len(cases)}")
+    if len(labeled) < config["batch_labeled"]:  # too few to shard is fine: every rank draws from all (_make_stream)
+        raise InputError(f"batch_labeled: {config['batch_labeled']} per step needs at least that many labeled "
+                         f"cases, the split has {len(labeled)}")
+    if len(unlabeled) // procs.world < config["batch_unlabeled"]:
+        raise InputError(f"batch_unlabeled: {config['batch_unlabeled']} per step x {procs.world} process(es) needs "
+                         f"at least {config['batch_unlabeled'] * procs.world} cases, the split has {len(unlabeled)}")
     validation = read_split(root, config["val_split"]) if config["val_every"] else []
     return labeled, unlabeled, validation
 
@@ -275,7 +300,8 @@ def _open_log(path: Path, enabled: bool) -> logging.Logger:
     logger.propagate = False
     if enabled:
         file_handler = logging.FileHandler(path)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        # milliseconds: benchmarks/gpu_check.sh times epochs from these lines
+        file_handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%Y-%m-%d %H:%M:%S"))
 
         class _ConsoleHandler(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
@@ -309,7 +335,9 @@ class Run:
     step_module: nn.Module                      # what the step calls: model, TwoFlowForward, DDP or compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    amp: bool                                   # autocast on: config amp, "auto" resolved for the device
     amp_dtype: torch.dtype
+    channels_last: bool                         # channels_last_3d model and inputs, "auto" resolved likewise
     transfer: KnowledgeTransfer
     semi: bool
     labeled_loader: DataLoader
@@ -324,6 +352,7 @@ class Run:
     writer: Any                                 # TensorBoard SummaryWriter on rank 0, else None
     columns: list[str]
     rows: list[dict[str, Any]]
+    checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # writes in the background
     resumed_from_world: int | None = None       # process count of the interrupted run, when resuming
     start_epoch: int = 0
     iteration: int = 0
@@ -331,7 +360,7 @@ class Run:
     best_epoch: int = -1
 
     def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config["amp"])
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
 
 def _metric_columns(class_abbrevs: list[str]) -> list[str]:
@@ -344,7 +373,8 @@ def _metric_columns(class_abbrevs: list[str]) -> list[str]:
             + ["pseudo_dice_main", "pseudo_dice_aux", "pseudo_fg_main", "pseudo_fg_aux", "true_fg"])
 
 
-def _build_model(config: dict[str, Any], num_classes: int, procs: Processes, device: torch.device) -> nn.Module:
+def _build_model(config: dict[str, Any], num_classes: int, procs: Processes, device: torch.device,
+                 channels_last: bool) -> nn.Module:
     from skcdf.nn import SKCDFNet
 
     model = SKCDFNet(in_channels=1, num_classes=num_classes, filters=config["filters"],
@@ -354,7 +384,7 @@ def _build_model(config: dict[str, Any], num_classes: int, procs: Processes, dev
     if procs.world > 1 and config["sync_batchnorm"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    if config["channels_last"]:
+    if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     return model
 
@@ -380,8 +410,7 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
     from skcdf.data.loaders import CenterCropDataset
 
     device = resolve_device(config["device"], procs.local_rank)
-    if config["amp"] and device.type != "cuda":
-        raise InputError(f"amp (mixed precision) needs a CUDA device, the run uses {device}")
+    hardware = hardware_settings(config, device.type)  # amp, channels_last: "auto" is on for CUDA only
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL collectives use the current device
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
@@ -398,10 +427,11 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
     random.seed(config["seed"] + procs.rank)
     np.random.seed(config["seed"] + procs.rank)
     torch.manual_seed(config["seed"] + procs.rank)
-    model = _build_model(config, num_classes, procs, device)
+    model = _build_model(config, num_classes, procs, device, hardware["channels_last"])
     semi = step_kind(config) == "semi"
+    # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                nesterov=config["nesterov"], weight_decay=config["weight_decay"])
+                                nesterov=config["nesterov"], weight_decay=config["weight_decay"], fused=True)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
 
     window = info.get("window")
@@ -428,8 +458,8 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
         preprocessing={"size": info.get("size"), "window": window, "patch_size": list(config["patch_size"]),
                        "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"])},
         model=model, step_module=_wrap_step_module(model, config, semi, procs, device), optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] and amp_dtype == torch.float16),
-        amp_dtype=amp_dtype, transfer=KnowledgeTransfer(model, parse_ema_order(config["ema_order"]), config["ema_decay"]),
+        scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and amp_dtype == torch.float16),
+        amp=hardware["amp"], amp_dtype=amp_dtype, channels_last=hardware["channels_last"], transfer=KnowledgeTransfer(model, parse_ema_order(config["ema_order"]), config["ema_decay"]),
         semi=semi, labeled_loader=labeled_loader, unlabeled_loader=unlabeled_loader,
         unlabeled_has_labels=unlabeled_has_labels, generators=generators, val_loader=val_loader,
         keep_labeled=class_keep_probabilities(counts).to(device), iterations_per_epoch=iterations_per_epoch,
@@ -460,7 +490,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
     x = x.to(run.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d) if run.config["channels_last"] and x.ndim == 5 else x
+    return x.contiguous(memory_format=torch.channels_last_3d) if run.channels_last and x.ndim == 5 else x
 
 
 def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
@@ -506,10 +536,10 @@ def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms), run.iteration, first_bad)
         progress.update()
         if run.iteration % config["log_every"] == 0:
-            _check_finite(first_bad, run.out, run.procs)
+            _check_finite(first_bad, run)
             done = run.iteration - epoch * run.iterations_per_epoch
             progress.set_postfix(epoch=epoch, loss=f"{float(loss_sum) / done:.4f}")
-    _check_finite(first_bad, run.out, run.procs)  # nothing non-finite is ever checkpointed
+    _check_finite(first_bad, run)  # nothing non-finite is ever checkpointed
 
     terms_by_name = dict(zip(LOSS_TERMS, (term_sums / run.iterations_per_epoch).tolist()))
     loss_sup = terms_by_name["sup_main"] + terms_by_name["sup_bal"]
@@ -554,18 +584,21 @@ def _log_epoch(run: Run, row: dict[str, Any]) -> None:
 
 
 def _save(run: Run, improved: bool, rng_states: list[Any]) -> None:
-    """best.pt when the validation Dice improved; last.pt every save_every epochs and at the end."""
-    from skcdf.checkpoint import FORMAT, save_checkpoint
+    """best.pt when the validation Dice improved; last.pt every save_every epochs and at the end.
+
+    Written in the background: training waits only for the copy of the state to the CPU.
+    """
+    from skcdf.checkpoint import FORMAT
 
     epoch = run.rows[-1]["epoch"]
     payload = {"format": FORMAT, "model_args": run.model.init_args, "model": run.model.state_dict(),
                "preprocessing": run.preprocessing, "config": run.config, "optimizer": run.optimizer.state_dict(),
                "scaler": run.scaler.state_dict(), "epoch": epoch + 1, "iteration": run.iteration,
                "best_dice": run.best_dice, "best_epoch": run.best_epoch, "rng": rng_states}
-    if improved:
-        save_checkpoint(run.out / "best.pt", payload)
+    paths = [run.out / "best.pt"] if improved else []
     if (epoch + 1) % run.config["save_every"] == 0 or epoch + 1 == run.config["epochs"]:
-        save_checkpoint(run.out / "last.pt", payload)
+        paths.append(run.out / "last.pt")
+    run.checkpoints.save(payload, paths)
 
 
 def _end_of_epoch(run: Run, row: dict[str, Any]) -> None:
@@ -602,9 +635,10 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
         _log_start(run)
         progress = tqdm(total=epochs * run.iterations_per_epoch, initial=run.iteration, desc="train",
                         disable=not procs.main, dynamic_ncols=True)
-        for epoch in range(run.start_epoch, epochs):
-            row = _train_epoch(run, epoch, progress)
-            _end_of_epoch(run, row)
+        with run.checkpoints:  # the last write is on disk before train() returns or raises
+            for epoch in range(run.start_epoch, epochs):
+                row = _train_epoch(run, epoch, progress)
+                _end_of_epoch(run, row)
         progress.close()
         run.log.info(f"finished {epochs} epochs" + (f"; best val dice {run.best_dice:.2f} at epoch {run.best_epoch}"
                                                      if run.best_epoch >= 0 else ""))
@@ -627,18 +661,25 @@ def _log_start(run: Run) -> None:
         run.log.warning(f"resuming a run of {run.resumed_from_world} process(es) with {run.procs.world}: the data "
                         "order and random draws will differ from those of an uninterrupted run")
     unlabeled = len(run.unlabeled_loader.dataset) if run.semi else 0
+    labeled = len(run.labeled_loader.dataset)
+    precision = f"{str(run.amp_dtype).removeprefix('torch.')} autocast" if run.amp else "fp32"
     run.log.info(f"{'resuming at' if resuming else 'starting'} epoch {run.start_epoch}: variant {run.config['variant']}, "
-                 f"{len(run.labeled_loader.dataset)} labeled / {unlabeled} unlabeled cases, "
-                 f"{run.iterations_per_epoch} iterations per epoch, {run.procs.world} process(es) on {run.device}")
+                 f"{labeled} labeled / {unlabeled} unlabeled cases, {run.iterations_per_epoch} iterations per epoch, "
+                 f"{run.procs.world} process(es) on {run.device} ({precision}"
+                 f"{', channels_last_3d' if run.channels_last else ''})")
+    if not shards_labeled_cases(labeled, run.config["batch_labeled"], run.procs.world):
+        run.log.info(f"{labeled} labeled cases are too few to shard across {run.procs.world} processes at "
+                     f"batch_labeled {run.config['batch_labeled']}: each process draws its labeled batches from "
+                     "all of them, in its own order (seed + rank)")
 
 
-def _check_finite(first_bad: torch.Tensor, out: Path, procs: Processes) -> None:
+def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
     """Raise TrainingDiverged naming the first iteration and loss term that were not finite.
 
     first_bad (4,): per loss term, the first iteration at which it was not finite, -1 if none. Under
     torchrun the ranks agree first (earliest bad iteration over ranks), so that they all stop together.
     """
-    if procs.world > 1:
+    if run.procs.world > 1:
         never = torch.iinfo(torch.long).max
         first_bad = torch.where(first_bad < 0, never, first_bad)
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
@@ -648,6 +689,7 @@ def _check_finite(first_bad: torch.Tensor, out: Path, procs: Processes) -> None:
         return
     iteration = min(i for i in bad if i >= 0)
     term = LOSS_TERMS[bad.index(iteration)]
-    kept = out / "last.pt"
+    run.checkpoints.wait()  # the last good checkpoint may still be on its way to disk
+    kept = run.out / "last.pt"
     raise TrainingDiverged(f"loss term {term} is NaN or infinite at iteration {iteration}; training stopped. "
                            + (f"The last good checkpoint is {kept}." if kept.exists() else "No checkpoint was written."))
