@@ -189,7 +189,9 @@ def _run_child(config: str, implementation: str, device: str, variant: str, repe
     if child.returncode != 0:
         lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
         return {**row, "error": lines[-1]}
-    return json.loads(child.stdout)
+    # inductor falls back to plain compiled code when it cannot graph a region, and only says so here
+    skipped = [line.strip() for line in child.stderr.splitlines() if "skipping cudagraphs" in line]
+    return {**json.loads(child.stdout), **({"note": skipped[0]} if skipped else {})}
 
 
 def main() -> None:

@@ -1,0 +1,51 @@
+"""benchmarks/gpu_check.sh at toy size on the CPU (so that the GPU check cannot rot), and its timing arithmetic."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("gpu_check_report", BENCHMARKS / "gpu_check_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_row_times_epochs_between_the_first_and_last_epoch_line(tmp_path):
+    (tmp_path / "dataset.json").write_text('{"size": [80, 160, 160]}')
+    (tmp_path / "train.log").write_text(
+        "2026-01-01 10:00:00 starting epoch 0: variant full, 4 labeled / 16 unlabeled cases, 8 iterations per "
+        "epoch, 1 process(es) on cuda:0 (bfloat16 autocast, channels_last_3d)\n"
+        "2026-01-01 10:00:05 epoch 0: loss 1.0 (sup 1.0, unsup 0.0)\n"
+        "2026-01-01 10:00:07.500 epoch 1: loss 0.9 (sup 0.9, unsup 0.0), val dice 10.00\n"
+        "2026-01-01 10:00:10 epoch 2: loss 0.8 (sup 0.8, unsup 0.0), val dice 12.50\n")
+    (tmp_path / "metrics.csv").write_text("epoch,val_dice_mean\n0,\n1,10.0\n2,12.5\n")
+    row = _report_module().train_row(tmp_path, tmp_path, wall_seconds=20.0, full_epochs=1500)
+    assert row["seconds_per_epoch"] == pytest.approx(2.5)  # (10:00:10 - 10:00:05) / 2 epochs
+    assert row["one_off_s"] == pytest.approx(20.0 - 3 * 2.5)
+    assert row["extrapolated_min"] == pytest.approx((12.5 + 1500 * 2.5) / 60)
+    assert row["last_val_dice"] == 12.5 and row["data_size"] == [80, 160, 160]
+    assert row["precision"] == "bfloat16 autocast, channels_last_3d"
+
+
+def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--toy", str(tmp_path / "check")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("| measurement |"):]
+    assert "failed" not in table and "skipped" not in table, table
+    assert re.search(r"\| skcdf train synapse_20p \(3 epochs\) \| phantom 32×48×48 \| \| fp32 \| \d+\.\d\d s / epoch, \d+ s one-off; 1500 epochs ≈ "
+                     r"\d+\.\d min \| \| last val Dice \d+\.\d\d \|", table), table
+    assert re.search(r"\| predict_volume \| 40×80×80, batch 4 \| cpu \| .* \| \d+\.\d\d s / volume", table), table
+    for variant in ("fp32", "bf16_cl"):
+        assert re.search(rf"\| train step \(skcdf\) \| toy 2\+2 \| cpu \| {variant} \| \d+\.\d ms / iteration", table), table
