@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from skcdf.train.balance import class_keep_probabilities, unlabeled_keep_probabilities
 from skcdf.checkpoint import CheckpointWriter
+from skcdf.train.balance import class_keep_probabilities, unlabeled_keep_probabilities
 from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, hardware_settings, step_kind, to_yaml
 from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
 from skcdf.train.monitor import HEADS, PseudoLabelMonitor, validate_heads
@@ -459,7 +459,8 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
                        "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"])},
         model=model, step_module=_wrap_step_module(model, config, semi, procs, device), optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and amp_dtype == torch.float16),
-        amp=hardware["amp"], amp_dtype=amp_dtype, channels_last=hardware["channels_last"], transfer=KnowledgeTransfer(model, parse_ema_order(config["ema_order"]), config["ema_decay"]),
+        amp=hardware["amp"], amp_dtype=amp_dtype, channels_last=hardware["channels_last"],
+        transfer=KnowledgeTransfer(model, parse_ema_order(config["ema_order"]), config["ema_decay"]),
         semi=semi, labeled_loader=labeled_loader, unlabeled_loader=unlabeled_loader,
         unlabeled_has_labels=unlabeled_has_labels, generators=generators, val_loader=val_loader,
         keep_labeled=class_keep_probabilities(counts).to(device), iterations_per_epoch=iterations_per_epoch,
