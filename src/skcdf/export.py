@@ -6,15 +6,15 @@ at the training window (D, H, W) with a dynamic batch: exactly the function the 
 CT window, sliding window, softmax, resampling back) stays in Python, so an ONNX model predicts
 through the same code as a checkpoint. The preprocessing travels in the model's metadata.
 
-Requires the optional extra ``skcdf[onnx]`` (onnx and onnxruntime).
+Requires the optional extra ``skcdf[onnx]``: onnx and onnxscript (torch's exporter), onnxruntime.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ FORMAT = "skcdf-onnx"
 _METADATA_KEY = "skcdf"
 
 #: ONNX operator set of the export (onnxruntime 1.16 and later run it).
-OPSET = 17
+OPSET = 18
 
 
 def _require(module: str) -> Any:
@@ -71,25 +71,35 @@ def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | 
         ``path``. Its graph maps ``image`` (batch, 1, *patch_size) float32 to ``logits`` (batch, K, *patch_size).
     """
     onnx = _require("onnx")
+    _require("onnxscript")  # torch.onnx.export's translator
     if decoder not in ("unlabeled", "labeled"):
         raise InputError(f"decoder must be 'unlabeled' or 'labeled', got {decoder!r}")
-    head = _MainHead(model, decoder).eval()  # export traces in eval mode: no dropout, running BN statistics
-    example = torch.zeros(1, 1, *preprocessing["patch_size"])
+    head = _MainHead(model, decoder).cpu().eval()  # eval: no dropout, running BN statistics
+    # Two windows: torch.export would fix a batch axis of size 1 as a constant.
+    example = torch.zeros(2, 1, *preprocessing["patch_size"])
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        # The tracer warns about the shape checks in forward(); the shapes are fixed but for the batch.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # The TorchScript-based exporter: the dynamo one needs onnxscript, one more dependency.
-        torch.onnx.export(head.cpu(), (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
-                          dynamo=False)
-        graph = onnx.load(str(tmp))
-        metadata = {"format": FORMAT, "decoder": decoder, "num_classes": int(model.num_classes),
-                    "preprocessing": {key: preprocessing.get(key) for key in
-                                      ("size", "window", "patch_size", "class_names", "class_abbrevs")}}
-        onnx.helper.set_model_props(graph, {_METADATA_KEY: json.dumps(metadata)})
-        onnx.save(graph, str(tmp))
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # quiet the exporter's notes on torchvision operators we do not use
+    try:
+        with atomic_path(path) as tmp:
+            torch.onnx.export(head, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                              dynamo=True, external_data=False, verbose=False)  # one self-contained file
+            _add_metadata(onnx, tmp, decoder, int(model.num_classes), preprocessing)
+    finally:
+        onnx_logger.setLevel(level)
     return path
+
+
+def _add_metadata(onnx: Any, path: Path, decoder: str, num_classes: int, preprocessing: Mapping[str, Any]) -> None:
+    """Store the preprocessing and the decoder as JSON under the model's ``skcdf`` metadata key."""
+    graph = onnx.load(str(path))
+    metadata = {"format": FORMAT, "decoder": decoder, "num_classes": num_classes,
+                "preprocessing": {key: preprocessing.get(key) for key in
+                                  ("size", "window", "patch_size", "class_names", "class_abbrevs")}}
+    onnx.helper.set_model_props(graph, {_METADATA_KEY: json.dumps(metadata)})
+    onnx.save(graph, str(path))
 
 
 class OnnxModel:
