@@ -5,20 +5,28 @@ Default: the paper's setting, one 80×160×160 volume, 32 filters, patch 64×128
 a smoke run. Reports the median wall time over ``--repeats`` runs and windows per second, on the CPU
 and on CUDA when present.
 
+``--scan-size D H W`` instead predicts one full-size scan (int16 HU, e.g. 600 512 512) the way
+``skcdf predict`` does a scan file: resampled to the training size, the sliding window, and the
+probabilities resampled back class by class. It reports the time and the process's peak resident
+memory (run one size per process: the peak is the process's).
+
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
+    .venv/bin/python benchmarks/predict.py --scan-size 600 512 512 [--batch N] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import time
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
-from skcdf.infer import InferenceSettings, predict_volume
+from skcdf.infer import InferenceSettings, predict_scan, predict_volume
 from skcdf.nn import SKCDFNet
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
@@ -49,6 +57,27 @@ def time_device(device: str, setup: dict, settings: InferenceSettings, repeats: 
     return seconds
 
 
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_full_scan(device: str, setup: dict, settings: InferenceSettings, scan_size: tuple[int, int, int]) -> None:
+    """Predict one random int16 scan of ``scan_size`` (D, H, W) on its own grid; print time and peak memory."""
+    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).to(device).eval()
+    preprocessing = {"size": list(setup["volume"]), "window": [-75, 275], "patch_size": list(setup["patch"])}
+    scan = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, scan_size, dtype=np.int16))
+    scan.SetSpacing((0.8, 0.8, 1.5))
+    before = peak_rss_gib()
+    start = time.perf_counter()
+    labels = predict_scan(model, scan, preprocessing, settings).labels
+    seconds = time.perf_counter() - start
+    assert labels.shape == scan_size
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"{device} ({name}): scan {scan_size} int16 -> {setup['volume']} -> back: {seconds:.1f} s; peak RSS "
+          f"{peak_rss_gib():.2f} GiB (before predicting, with the model and the scan: {before:.2f} GiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model and volume (smoke run)")
@@ -56,11 +85,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=InferenceSettings().sw_batch_size, help="windows per forward")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per window)")
     parser.add_argument("--device", choices=("cpu", "cuda"), action="append", help="default: cpu, and cuda if present")
+    parser.add_argument("--scan-size", type=int, nargs=3, metavar=("D", "H", "W"),
+                        help="predict one full-size scan of this size (one device) and report peak memory")
     args = parser.parse_args()
 
     setup = QUICK if args.quick else PAPER
     settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.scan_size:
+        time_full_scan(devices[0], setup, settings, tuple(args.scan_size))
+        return
     windows = window_count(setup["volume"], setup["patch"], settings.stride) * (4 if args.tta else 1)
     print(
         f"volume {setup['volume']}, patch {setup['patch']}, {setup['filters']} filters, {NUM_CLASSES} classes, "
