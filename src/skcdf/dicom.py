@@ -19,11 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from matplotlib.colors import to_rgb
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
+from skcdf import __version__
 from skcdf.utils import InputError, atomic_path
+from skcdf.viz import organ_colour
 
 __all__ = ["DicomSeries", "find_series", "is_dicom_folder", "organ_code", "read_segmentation", "read_series",
            "write_segmentation"]
@@ -167,11 +173,9 @@ _ORGAN_CONCEPTS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def organ_code(class_name: str) -> tuple[pydicom.sr.coding.Code | None, pydicom.sr.coding.Code | None]:
+def organ_code(class_name: str) -> tuple[Code | None, Code | None]:
     """The SNOMED CT code of a Synapse/AMOS organ name and its laterality modifier; ``(None, None)``
     for a class without one."""
-    from pydicom.sr.codedict import codes
-
     concept = _ORGAN_CONCEPTS.get(class_name.strip().lower())
     if concept is None:
         return None, None
@@ -179,15 +183,8 @@ def organ_code(class_name: str) -> tuple[pydicom.sr.coding.Code | None, pydicom.
     return getattr(codes.SCT, organ), None if side is None else getattr(codes.SCT, side)
 
 
-def _segment_description(number: int, label: int, class_name: str):
+def _segment_description(number: int, label: int, class_name: str) -> hd.seg.SegmentDescription:
     """highdicom's description of segment ``number``, which holds class ``label`` named ``class_name``."""
-    import highdicom as hd
-    from matplotlib.colors import to_rgb
-    from pydicom.sr.codedict import codes
-
-    from skcdf import __version__
-    from skcdf.viz import organ_colour
-
     code, laterality = organ_code(class_name)
     description = hd.seg.SegmentDescription(
         segment_number=number,
@@ -219,10 +216,6 @@ def write_segmentation(labels: np.ndarray, series: DicomSeries, class_names: Seq
     Returns:
         ``path``, or None (with a warning) when no class is predicted: a SEG needs at least one segment.
     """
-    import highdicom as hd
-
-    from skcdf import __version__
-
     labels = np.asarray(labels)
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:
@@ -265,8 +258,6 @@ def read_segmentation(path: str | os.PathLike, series: DicomSeries, class_names:
     Raises:
         InputError: the file is not a readable SEG, or a segment's label is not one of ``class_names``.
     """
-    import highdicom as hd
-
     path = Path(path)
     try:
         segmentation = hd.seg.segread(path)
