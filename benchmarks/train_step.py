@@ -112,7 +112,7 @@ def measure(config_name: str, implementation: str, device_name: str, repeats: in
         optimizer.zero_grad(set_to_none=True)
         if implementation == "skcdf":
             transfer.apply()
-            loss, _ = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0,
+            loss, _, _ = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0,
                                            keep_labeled=keep_l, keep_unlabeled=keep_u)
         else:
             _straightforward_ema(model)

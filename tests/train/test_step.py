@@ -36,7 +36,7 @@ def test_semi_supervised_loss_combines_the_right_outputs():
     x_l, y_l, x_u = _inputs()
     keep_l, keep_u = torch.tensor([0.2, 1.0, 0.5, 0.7]), torch.tensor([0.6, 1.0, 0.8, 0.9])
     torch.manual_seed(5)
-    loss, terms = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=3.0, keep_labeled=keep_l,
+    loss, terms, _ = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=3.0, keep_labeled=keep_l,
                                        keep_unlabeled=keep_u, balance_mode="exclude")
 
     pl, pl_aux, pu, pu_aux = (t.detach() for t in forward.outputs)
@@ -59,7 +59,7 @@ def test_semi_supervised_loss_combines_the_right_outputs():
 def test_without_aux_heads_the_balanced_terms_vanish():
     x_l, y_l, x_u = _inputs()
     ones = torch.ones(K)
-    loss, terms = semi_supervised_loss(FixedOutputs(aux=False), x_l, y_l, x_u, unsup_weight=0.5,
+    loss, terms, _ = semi_supervised_loss(FixedOutputs(aux=False), x_l, y_l, x_u, unsup_weight=0.5,
                                        keep_labeled=ones, keep_unlabeled=ones)
     assert terms[1] == 0 and terms[3] == 0
     assert loss.item() == pytest.approx((terms[0] + 0.5 * terms[2]).item(), rel=1e-6)
@@ -83,7 +83,7 @@ def test_supervised_loss_uses_the_inference_path():
     model = SKCDFNet(num_classes=K, filters=2, patch_size=(16, 16, 16), skcm=False, shared_decoder=True,
                      aux_heads=False, dropout=False)
     x, y = torch.rand(2, 1, 16, 16, 16), torch.randint(0, K, (2, 16, 16, 16))
-    loss, terms = supervised_loss(model, x, y, keep_labeled=torch.ones(K))
+    loss, terms, _ = supervised_loss(model, x, y, keep_labeled=torch.ones(K))
     main, _ = model(x, flow="unlabeled")
     assert loss.item() == pytest.approx(dice_ce(main, y).item(), rel=1e-5)
     assert terms[1:].abs().sum() == 0

@@ -148,12 +148,12 @@ def test_divergence_keeps_the_last_good_checkpoint(tiny_phantom, tmp_path, monke
 
     def nan_from_third_iteration(*args, **kwargs):
         calls["n"] += 1
-        loss, terms = real_loss(*args, **kwargs)
+        loss, terms, pseudo_labels = real_loss(*args, **kwargs)
         if calls["n"] >= 3:
             terms = terms.clone()
             terms[0] = math.nan
             loss = loss * math.nan
-        return loss, terms
+        return loss, terms, pseudo_labels
 
     monkeypatch.setattr(trainer, "semi_supervised_loss", nan_from_third_iteration)
     run = tmp_path / "run"

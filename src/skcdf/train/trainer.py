@@ -15,7 +15,6 @@ rank 0 validates and writes.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from skcdf.train.balance import class_keep_probabilities, unlabeled_keep_probabilities
 from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, step_kind, to_yaml
 from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
+from skcdf.train.monitor import HEADS, PseudoLabelMonitor, validate_heads
 from skcdf.train.step import LOSS_TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
 from skcdf.utils import InputError, atomic_write_text
 
@@ -292,29 +292,292 @@ def _close_log(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- set-up
 
-@torch.no_grad()
-def validate(model: nn.Module, dataset: Any, decoder: str, device: torch.device,
-             num_classes: int, autocast: Any = contextlib.nullcontext) -> np.ndarray:
-    """Per-class hard Dice (%) averaged over the validation cases, classes 1..K-1. (K-1,)
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`_set_up` (fresh or from last.pt)."""
 
-    dataset items: {"image": (1,D,H,W) float, "label": (D,H,W) int64}, centre crops of the patch size.
-    decoder: "unlabeled" (D_u main head, the paper's choice) or "labeled" (D_l, cross mode paired with itself).
-    """
-    from skcdf.metrics import dice_per_class
+    config: dict[str, Any]
+    out: Path
+    procs: Processes
+    device: torch.device
+    num_classes: int
+    class_abbrevs: list[str]                    # foreground classes, for the metric columns
+    preprocessing: dict[str, Any]               # stored in checkpoints for `skcdf predict`
+    model: nn.Module
+    step_module: nn.Module                      # what the step calls: model, TwoFlowForward, DDP or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype
+    transfer: KnowledgeTransfer
+    semi: bool
+    labeled_loader: DataLoader
+    unlabeled_loader: DataLoader | None
+    unlabeled_has_labels: bool                  # true labels of the unlabeled cases, for the pseudo-label monitor only
+    generators: dict[str, torch.Generator]
+    val_loader: DataLoader | None
+    keep_labeled: torch.Tensor                  # (K,) balanced-mask keep probabilities p
+    iterations_per_epoch: int
+    pseudo_monitor: PseudoLabelMonitor
+    log: logging.Logger
+    writer: Any                                 # TensorBoard SummaryWriter on rank 0, else None
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    resumed_from_world: int | None = None       # process count of the interrupted run, when resuming
+    start_epoch: int = 0
+    iteration: int = 0
+    best_dice: float = -math.inf
+    best_epoch: int = -1
 
-    was_training = model.training
-    model.eval()
-    scores = []
-    for item in dataset:
-        image = item["image"].unsqueeze(0).to(device)
-        with autocast():
-            logits = model(image, flow="unlabeled")[0] if decoder == "unlabeled" else model.forward_labeled_decoder(image)[0]
-        prediction = logits.argmax(1)[0].cpu().numpy()
-        scores.append(dice_per_class(prediction, item["label"].numpy(), range(1, num_classes)))
-    model.train(was_training)
-    return np.mean(scores, axis=0)
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config["amp"])
+
+
+def _metric_columns(class_abbrevs: list[str]) -> list[str]:
+    """metrics.csv columns: schedule, losses, validation Dice (inference head per class, every head),
+    pseudo-label quality."""
+    return (["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
+            + [f"loss_{term}" for term in LOSS_TERMS]
+            + ["val_dice_mean"] + [f"val_dice_{abbrev}" for abbrev in class_abbrevs]
+            + [f"val_dice_{head}" for head in HEADS]
+            + ["pseudo_dice_main", "pseudo_dice_aux", "pseudo_fg_main", "pseudo_fg_aux", "true_fg"])
+
+
+def _build_model(config: dict[str, Any], num_classes: int, procs: Processes, device: torch.device) -> nn.Module:
+    from skcdf.nn import SKCDFNet
+
+    model = SKCDFNet(in_channels=1, num_classes=num_classes, filters=config["filters"],
+                     patch_size=config["patch_size"], num_heads=config["num_heads"], skcm=config["skcm"],
+                     shared_decoder=config["shared_decoder"], aux_heads=config["aux_heads"],
+                     dropout=config["dropout"])
+    if procs.world > 1 and config["sync_batchnorm"]:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if config["channels_last"]:
+        model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def _wrap_step_module(model: nn.Module, config: dict[str, Any], semi: bool, procs: Processes,
+                      device: torch.device) -> nn.Module:
+    """The module the step calls: both flows in one call (semi), under DDP and torch.compile if configured."""
+    step_module: nn.Module = TwoFlowForward(model) if semi else model
+    if procs.world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            # labeled_only/fully_supervised with two decoders never touch D_l
+            find_unused_parameters=not semi and not config["shared_decoder"])
+    if config["compile"]:
+        step_module = torch.compile(step_module)
+    return step_module
+
+
+def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: Processes) -> Run:
+    """Check the input (before any work), build model, optimiser and data streams, restore last.pt."""
+    from skcdf.checkpoint import load_checkpoint
+    from skcdf.data.layout import has_label, read_dataset_info
+    from skcdf.data.loaders import CenterCropDataset
+
+    device = resolve_device(config["device"], procs.local_rank)
+    if config["amp"] and device.type != "cuda":
+        raise InputError(f"amp (mixed precision) needs a CUDA device, the run uses {device}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
+    info = read_dataset_info(root)
+    num_classes = int(info["num_classes"])
+    labeled_cases, unlabeled_cases, val_cases = _select_cases(config, root, procs)
+    counts = _class_counts(config, root, labeled_cases, num_classes)
+    iterations_per_epoch = (config["iterations_per_epoch"]
+                            or len(unlabeled_cases) // (config["batch_unlabeled"] * procs.world))
+    can_resume = _check_run_folder(out, config, resume)
+    if procs.world > 1:
+        dist.barrier()  # every rank has read the folder before rank 0 writes into it
+
+    random.seed(config["seed"] + procs.rank)
+    np.random.seed(config["seed"] + procs.rank)
+    torch.manual_seed(config["seed"] + procs.rank)
+    model = _build_model(config, num_classes, procs, device)
+    semi = step_kind(config) == "semi"
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                nesterov=config["nesterov"], weight_decay=config["weight_decay"])
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+    window = info.get("window")
+    pin = device.type == "cuda"
+    labeled_loader, generators = _make_stream(root, labeled_cases, config, window, True, "labeled", procs, pin)
+    unlabeled_loader, unlabeled_has_labels = None, False
+    if semi:
+        # The unlabeled cases' labels, where the data set has them, feed only the pseudo-label monitor.
+        unlabeled_has_labels = all(has_label(root, case) for case in unlabeled_cases)
+        unlabeled_loader, unlabeled_generators = _make_stream(
+            root, unlabeled_cases, config, window, unlabeled_has_labels, "unlabeled", procs, pin)
+        generators.update(unlabeled_generators)
+    val_loader = None
+    if val_cases:
+        val_dataset = CenterCropDataset(root, val_cases, tuple(config["patch_size"]), window=window)
+        val_loader = DataLoader(val_dataset, batch_size=config["batch_labeled"] + config["batch_unlabeled"],
+                                pin_memory=pin)
+
+    class_abbrevs = list(info["class_abbrevs"])[1:]
+    if procs.main:
+        atomic_write_text(out / "config.yaml", to_yaml(config))  # also creates the run folder for train.log
+    run = Run(
+        config=config, out=out, procs=procs, device=device, num_classes=num_classes, class_abbrevs=class_abbrevs,
+        preprocessing={"size": info.get("size"), "window": window, "patch_size": list(config["patch_size"]),
+                       "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"])},
+        model=model, step_module=_wrap_step_module(model, config, semi, procs, device), optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] and amp_dtype == torch.float16),
+        amp_dtype=amp_dtype, transfer=KnowledgeTransfer(model, parse_ema_order(config["ema_order"]), config["ema_decay"]),
+        semi=semi, labeled_loader=labeled_loader, unlabeled_loader=unlabeled_loader,
+        unlabeled_has_labels=unlabeled_has_labels, generators=generators, val_loader=val_loader,
+        keep_labeled=class_keep_probabilities(counts).to(device), iterations_per_epoch=iterations_per_epoch,
+        pseudo_monitor=PseudoLabelMonitor(num_classes, device), log=_open_log(out / "train.log", procs.main),
+        writer=None, columns=_metric_columns(class_abbrevs), rows=[])
+    if can_resume:
+        _restore(run, load_checkpoint(out / "last.pt"))
+    if procs.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.writer = SummaryWriter(str(out / "tb"), purge_step=run.iteration if can_resume else None)
+    return run
+
+
+def _restore(run: Run, state: dict[str, Any]) -> None:
+    """Continue from a last.pt: weights, optimiser, counters, random states and the metrics so far."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch, run.iteration = state["epoch"], state["iteration"]
+    run.best_dice, run.best_epoch = state["best_dice"], state["best_epoch"]
+    run.resumed_from_world = len(state["rng"])  # one random state per process of the interrupted run
+    _restore_rng_state(state["rng"][run.procs.rank % run.resumed_from_world], run.device, run.generators)
+    run.rows = _read_metric_rows(run.out / "metrics.csv", run.start_epoch)
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(run.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last_3d) if run.config["channels_last"] and x.ndim == 5 else x
+
+
+def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
+    """Run one epoch of training steps; returns its metrics row (schedule, mean loss terms, pseudo-labels)."""
+    config, epochs = run.config, run.config["epochs"]
+    lr = poly_lr(config["lr"], epoch, epochs, config["lr_power"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    rampup = epochs if config["rampup_epochs"] is None else config["rampup_epochs"]
+    unsup_weight = rampup_weight(config["lambda_u"], epoch, rampup)
+    keep_unlabeled = unlabeled_keep_probabilities(run.keep_labeled, epoch, epochs)
+    # summed on the device; synced with the host only when logging
+    term_sums = torch.zeros(len(LOSS_TERMS), device=run.device)
+    loss_sum = torch.zeros((), device=run.device)
+    # first iteration at which each term was not finite (-1: never)
+    first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=run.device)
+    labeled_batches = _forever(run.labeled_loader)
+    unlabeled_batches = _forever(run.unlabeled_loader) if run.semi else None
+    run.model.train()
+    for _ in range(run.iterations_per_epoch):
+        run.transfer.apply()  # knowledge transfer before the forward (SPEC §2)
+        batch = next(labeled_batches)
+        x_labeled, y_labeled = _to_device(run, batch["image"]), _to_device(run, batch["label"])
+        with run.autocast():
+            if run.semi:
+                unlabeled = next(unlabeled_batches)
+                loss, terms, pseudo_labels = semi_supervised_loss(
+                    run.step_module, x_labeled, y_labeled, _to_device(run, unlabeled["image"]),
+                    unsup_weight=unsup_weight, keep_labeled=run.keep_labeled, keep_unlabeled=keep_unlabeled,
+                    balance_mode=config["balance_mode"], pseudo_label_threshold=config["pseudo_label_threshold"])
+                true_label = _to_device(run, unlabeled["label"]) if run.unlabeled_has_labels else None
+                run.pseudo_monitor.update(pseudo_labels, true_label)
+            else:
+                loss, terms, _ = supervised_loss(run.step_module, x_labeled, y_labeled,
+                                                 keep_labeled=run.keep_labeled, balance_mode=config["balance_mode"])
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.iteration += 1
+        term_sums += terms
+        loss_sum += loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms), run.iteration, first_bad)
+        progress.update()
+        if run.iteration % config["log_every"] == 0:
+            _check_finite(first_bad, run.out, run.procs)
+            done = run.iteration - epoch * run.iterations_per_epoch
+            progress.set_postfix(epoch=epoch, loss=f"{float(loss_sum) / done:.4f}")
+    _check_finite(first_bad, run.out, run.procs)  # nothing non-finite is ever checkpointed
+
+    terms_by_name = dict(zip(LOSS_TERMS, (term_sums / run.iterations_per_epoch).tolist()))
+    loss_sup = terms_by_name["sup_main"] + terms_by_name["sup_bal"]
+    loss_unsup = terms_by_name["unsup_main"] + terms_by_name["unsup_bal"]
+    return {"epoch": epoch, "iteration": run.iteration, "lr": lr, "lambda": unsup_weight,
+            "loss": loss_sup + unsup_weight * loss_unsup, "loss_sup": loss_sup, "loss_unsup": loss_unsup,
+            **{f"loss_{k}": v for k, v in terms_by_name.items()},
+            **run.pseudo_monitor.summary(run.unlabeled_has_labels)}
+
+
+# ----------------------------------------------------------------------------- end of epoch
+
+def _validate(run: Run, row: dict[str, Any]) -> bool:
+    """Dice of every head on the validation crops into ``row``; True when the inference head improved."""
+    dice = validate_heads(run.model, run.val_loader, run.device, run.num_classes, run.autocast)
+    inference_head = f"{run.config['inference_decoder']}_main"
+    row["val_dice_mean"] = float(dice[inference_head].mean())
+    row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(run.class_abbrevs, dice[inference_head])})
+    row.update({f"val_dice_{head}": float(values.mean()) for head, values in dice.items()})
+    if row["val_dice_mean"] <= run.best_dice:
+        return False
+    run.best_dice, run.best_epoch = row["val_dice_mean"], row["epoch"]
+    return True
+
+
+def _log_epoch(run: Run, row: dict[str, Any]) -> None:
+    """metrics.csv (rewritten atomically), TensorBoard and one line of train.log."""
+    run.rows.append(row)
+    _write_metric_rows(run.out / "metrics.csv", run.columns, run.rows)
+    for key, value in row.items():
+        if key not in ("epoch", "iteration"):
+            tag = key.replace("val_dice_", "val_dice/").replace("loss_", "loss/").replace("pseudo_", "pseudo/")
+            run.writer.add_scalar(tag, value, run.iteration)
+    run.writer.flush()
+    message = (f"epoch {row['epoch']}: loss {row['loss']:.4f} (sup {row['loss_sup']:.4f}, "
+               f"unsup {row['loss_unsup']:.4f}), lr {row['lr']:.4g}, lambda {row['lambda']:.4g}")
+    if "pseudo_dice_main" in row:
+        message += f", pseudo-label dice {row['pseudo_dice_main']:.2f}"
+    if "val_dice_mean" in row:
+        message += f", val dice {row['val_dice_mean']:.2f} (best {run.best_dice:.2f} at epoch {run.best_epoch})"
+    run.log.info(message)
+
+
+def _save(run: Run, improved: bool, rng_states: list[Any]) -> None:
+    """best.pt when the validation Dice improved; last.pt every save_every epochs and at the end."""
+    from skcdf.checkpoint import FORMAT, save_checkpoint
+
+    epoch = run.rows[-1]["epoch"]
+    payload = {"format": FORMAT, "model_args": run.model.init_args, "model": run.model.state_dict(),
+               "preprocessing": run.preprocessing, "config": run.config, "optimizer": run.optimizer.state_dict(),
+               "scaler": run.scaler.state_dict(), "epoch": epoch + 1, "iteration": run.iteration,
+               "best_dice": run.best_dice, "best_epoch": run.best_epoch, "rng": rng_states}
+    if improved:
+        save_checkpoint(run.out / "best.pt", payload)
+    if (epoch + 1) % run.config["save_every"] == 0 or epoch + 1 == run.config["epochs"]:
+        save_checkpoint(run.out / "last.pt", payload)
+
+
+def _end_of_epoch(run: Run, row: dict[str, Any]) -> None:
+    """Validation, metrics and checkpoints (rank 0); every rank contributes its random state."""
+    epoch, config = row["epoch"], run.config
+    validating = run.val_loader is not None and (
+        (epoch + 1) % config["val_every"] == 0 or epoch + 1 == config["epochs"])
+    improved = _validate(run, row) if validating and run.procs.main else False
+    rng_states = _gather(_rng_state(run.device, run.generators), run.procs)
+    if run.procs.main:
+        _log_epoch(run, row)
+        _save(run, improved, rng_states)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -328,215 +591,45 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
     Returns the trained model (rank 0's parameters are every rank's). Raises InputError for bad
     configurations or data (before any work) and TrainingDiverged when a loss term stops being finite.
     """
-    from skcdf.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-    from skcdf.data.layout import read_dataset_info
-    from skcdf.data.loaders import CenterCropDataset
-    from skcdf.nn import SKCDFNet
-
-    root, out = Path(data_dir), Path(out_dir)
     procs, started_processes = _start_processes()
+    run = None
     try:
-        # --- everything that can be wrong with the input is checked before any work
-        device = resolve_device(config["device"], procs.local_rank)
-        if config["amp"] and device.type != "cuda":
-            raise InputError(f"amp (mixed precision) needs a CUDA device, the run uses {device}")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL collectives use the current device
-            torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
-        info = read_dataset_info(root)
-        num_classes = int(info["num_classes"])
-        labeled_cases, unlabeled_cases, val_cases = _select_cases(config, root, procs)
-        counts = _class_counts(config, root, labeled_cases, num_classes)
-        iterations_per_epoch = config["iterations_per_epoch"] or len(unlabeled_cases) // (config["batch_unlabeled"] * procs.world)
-        can_resume = _check_run_folder(out, config, resume)
-        if procs.world > 1:
-            dist.barrier()  # every rank has read the folder before rank 0 writes into it
-
-        # --- model, optimiser, data streams
-        random.seed(config["seed"] + procs.rank)
-        np.random.seed(config["seed"] + procs.rank)
-        torch.manual_seed(config["seed"] + procs.rank)
-        model = SKCDFNet(in_channels=1, num_classes=num_classes, filters=config["filters"],
-                         patch_size=config["patch_size"], num_heads=config["num_heads"], skcm=config["skcm"],
-                         shared_decoder=config["shared_decoder"], aux_heads=config["aux_heads"],
-                         dropout=config["dropout"])
-        if procs.world > 1 and config["sync_batchnorm"]:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device)
-        if config["channels_last"]:
-            model.to(memory_format=torch.channels_last_3d)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                    nesterov=config["nesterov"], weight_decay=config["weight_decay"])
-        transfer = KnowledgeTransfer(model, parse_ema_order(config["ema_order"]), config["ema_decay"])
-        semi = step_kind(config) == "semi"
-        step_module: nn.Module = TwoFlowForward(model) if semi else model
-        if procs.world > 1:
-            step_module = nn.parallel.DistributedDataParallel(
-                step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                # labeled_only/fully_supervised with two decoders never touch D_l
-                find_unused_parameters=not semi and not config["shared_decoder"])
-        if config["compile"]:
-            step_module = torch.compile(step_module)
-        amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] and amp_dtype == torch.float16)
-
-        def autocast() -> Any:
-            return torch.autocast(device.type, dtype=amp_dtype, enabled=config["amp"])
-
-        window = info.get("window")
-        pin = device.type == "cuda"
-        labeled_loader, generators = _make_stream(root, labeled_cases, config, window, True, "labeled", procs, pin)
-        unlabeled_loader = None
-        if semi:
-            unlabeled_loader, unlabeled_generators = _make_stream(
-                root, unlabeled_cases, config, window, False, "unlabeled", procs, pin)
-            generators.update(unlabeled_generators)
-        val_dataset = CenterCropDataset(root, val_cases, tuple(config["patch_size"]), window=window) if val_cases else None
-        keep_labeled = class_keep_probabilities(counts).to(device)
-
-        # --- state: fresh or from last.pt
-        start_epoch, iteration, best_dice, best_epoch = 0, 0, -math.inf, -1
-        if can_resume:
-            state = load_checkpoint(out / "last.pt")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, iteration = state["epoch"], state["iteration"]
-            best_dice, best_epoch = state["best_dice"], state["best_epoch"]
-            saved_world = len(state["rng"])  # one random state per process of the interrupted run
-            _restore_rng_state(state["rng"][procs.rank % saved_world], device, generators)
-        class_abbrevs = list(info["class_abbrevs"])[1:]
-        columns = (["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
-                   + [f"loss_{term}" for term in LOSS_TERMS]
-                   + ["val_dice_mean"] + [f"val_dice_{abbrev}" for abbrev in class_abbrevs])
-        rows = _read_metric_rows(out / "metrics.csv", start_epoch) if can_resume else []
-        if procs.main:
-            atomic_write_text(out / "config.yaml", to_yaml(config))
-        log = _open_log(out / "train.log", procs.main)
-        writer = None
-        if procs.main:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"), purge_step=iteration if can_resume else None)
-    except BaseException:
-        if started_processes:
-            dist.destroy_process_group()
-        raise
-
-    epochs = config["epochs"]
-    rampup = epochs if config["rampup_epochs"] is None else config["rampup_epochs"]
-    preprocessing = {"size": info.get("size"), "window": window, "patch_size": list(config["patch_size"]),
-                     "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"])}
-    try:
-        if start_epoch >= epochs:
-            log.info(f"{out}: the run already finished ({epochs} epochs); nothing to do")
-            return model
-        if can_resume and saved_world != procs.world:
-            log.warning(f"resuming a run of {saved_world} process(es) with {procs.world}: the data order and "
-                        "random draws will differ from those of an uninterrupted run")
-        log.info(f"{'resuming at' if can_resume else 'starting'} epoch {start_epoch}: variant {config['variant']}, "
-                 f"{len(labeled_cases)} labeled / {len(unlabeled_cases) if semi else 0} unlabeled cases, "
-                 f"{iterations_per_epoch} iterations per epoch, {procs.world} process(es) on {device}")
-        progress = tqdm(total=epochs * iterations_per_epoch, initial=iteration, desc="train",
+        run = _set_up(config, Path(data_dir), Path(out_dir), resume, procs)
+        epochs = config["epochs"]
+        if run.start_epoch >= epochs:
+            run.log.info(f"{run.out}: the run already finished ({epochs} epochs); nothing to do")
+            return run.model
+        _log_start(run)
+        progress = tqdm(total=epochs * run.iterations_per_epoch, initial=run.iteration, desc="train",
                         disable=not procs.main, dynamic_ncols=True)
-        for epoch in range(start_epoch, epochs):
-            lr = poly_lr(config["lr"], epoch, epochs, config["lr_power"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            unsup_weight = rampup_weight(config["lambda_u"], epoch, rampup)
-            keep_unlabeled = unlabeled_keep_probabilities(keep_labeled, epoch, epochs)
-            term_sums = torch.zeros(len(LOSS_TERMS), device=device)
-            loss_sum = torch.zeros((), device=device)
-            # first iteration at which each term was not finite (-1: never); checked when we sync anyway
-            first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=device)
-            labeled_batches = _forever(labeled_loader)
-            unlabeled_batches = _forever(unlabeled_loader) if semi else None
-            model.train()
-            for _ in range(iterations_per_epoch):
-                transfer.apply()  # knowledge transfer before the forward (SPEC §2)
-                batch = next(labeled_batches)
-                x_labeled = batch["image"].to(device, non_blocking=True)
-                y_labeled = batch["label"].to(device, non_blocking=True)
-                if config["channels_last"]:
-                    x_labeled = x_labeled.contiguous(memory_format=torch.channels_last_3d)
-                with autocast():
-                    if semi:
-                        x_unlabeled = next(unlabeled_batches)["image"].to(device, non_blocking=True)
-                        if config["channels_last"]:
-                            x_unlabeled = x_unlabeled.contiguous(memory_format=torch.channels_last_3d)
-                        loss, terms = semi_supervised_loss(
-                            step_module, x_labeled, y_labeled, x_unlabeled, unsup_weight=unsup_weight,
-                            keep_labeled=keep_labeled, keep_unlabeled=keep_unlabeled,
-                            balance_mode=config["balance_mode"])
-                    else:
-                        loss, terms = supervised_loss(step_module, x_labeled, y_labeled, keep_labeled=keep_labeled,
-                                                      balance_mode=config["balance_mode"])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                iteration += 1
-                term_sums += terms
-                loss_sum += loss.detach()
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms), iteration, first_bad)
-                progress.update()
-                if iteration % config["log_every"] == 0:
-                    _check_finite(first_bad, out, procs)
-                    done = iteration - epoch * iterations_per_epoch
-                    progress.set_postfix(epoch=epoch, loss=f"{float(loss_sum) / done:.4f}")
-            _check_finite(first_bad, out, procs)  # nothing non-finite is ever checkpointed
-
-            # --- end of epoch: metrics, validation, checkpoints
-            mean_terms = (term_sums / iterations_per_epoch).tolist()
-            terms_by_name = dict(zip(LOSS_TERMS, mean_terms))
-            loss_sup = terms_by_name["sup_main"] + terms_by_name["sup_bal"]
-            loss_unsup = terms_by_name["unsup_main"] + terms_by_name["unsup_bal"]
-            row: dict[str, Any] = {"epoch": epoch, "iteration": iteration, "lr": lr, "lambda": unsup_weight,
-                                   "loss": loss_sup + unsup_weight * loss_unsup, "loss_sup": loss_sup,
-                                   "loss_unsup": loss_unsup, **{f"loss_{k}": v for k, v in terms_by_name.items()}}
-            validating = val_dataset is not None and ((epoch + 1) % config["val_every"] == 0 or epoch + 1 == epochs)
-            improved = False
-            if validating and procs.main:
-                dice = validate(model, val_dataset, config["inference_decoder"], device, num_classes, autocast)
-                row["val_dice_mean"] = float(dice.mean())
-                row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(class_abbrevs, dice)})
-                improved = row["val_dice_mean"] > best_dice
-                if improved:
-                    best_dice, best_epoch = row["val_dice_mean"], epoch
-            rng_states = _gather(_rng_state(device, generators), procs)
-            if not procs.main:
-                continue
-            rows.append(row)
-            _write_metric_rows(out / "metrics.csv", columns, rows)
-            for key, value in row.items():
-                if key not in ("epoch", "iteration"):
-                    writer.add_scalar(key.replace("val_dice_", "val_dice/").replace("loss_", "loss/"), value, iteration)
-            writer.flush()
-            message = (f"epoch {epoch}: loss {row['loss']:.4f} (sup {loss_sup:.4f}, unsup {loss_unsup:.4f}), "
-                       f"lr {lr:.4g}, lambda {unsup_weight:.4g}")
-            if "val_dice_mean" in row:
-                message += f", val dice {row['val_dice_mean']:.2f} (best {best_dice:.2f} at epoch {best_epoch})"
-            log.info(message)
-            payload = {"format": FORMAT, "model_args": model.init_args, "model": model.state_dict(),
-                       "preprocessing": preprocessing, "config": config, "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": iteration,
-                       "best_dice": best_dice, "best_epoch": best_epoch, "rng": rng_states}
-            if improved:
-                save_checkpoint(out / "best.pt", payload)
-            if (epoch + 1) % config["save_every"] == 0 or epoch + 1 == epochs:
-                save_checkpoint(out / "last.pt", payload)
+        for epoch in range(run.start_epoch, epochs):
+            row = _train_epoch(run, epoch, progress)
+            _end_of_epoch(run, row)
         progress.close()
-        log.info(f"finished {epochs} epochs" + (f"; best val dice {best_dice:.2f} at epoch {best_epoch}"
-                                                 if best_epoch >= 0 else ""))
-        return model
+        run.log.info(f"finished {epochs} epochs" + (f"; best val dice {run.best_dice:.2f} at epoch {run.best_epoch}"
+                                                     if run.best_epoch >= 0 else ""))
+        return run.model
     except TrainingDiverged as exc:
-        log.error(str(exc))
+        run.log.error(str(exc))
         raise
     finally:
-        if writer is not None:
-            writer.close()
-        _close_log(log)
+        if run is not None:
+            if run.writer is not None:
+                run.writer.close()
+            _close_log(run.log)
         if started_processes:
             dist.destroy_process_group()
+
+
+def _log_start(run: Run) -> None:
+    resuming = run.resumed_from_world is not None
+    if resuming and run.resumed_from_world != run.procs.world:
+        run.log.warning(f"resuming a run of {run.resumed_from_world} process(es) with {run.procs.world}: the data "
+                        "order and random draws will differ from those of an uninterrupted run")
+    unlabeled = len(run.unlabeled_loader.dataset) if run.semi else 0
+    run.log.info(f"{'resuming at' if resuming else 'starting'} epoch {run.start_epoch}: variant {run.config['variant']}, "
+                 f"{len(run.labeled_loader.dataset)} labeled / {unlabeled} unlabeled cases, "
+                 f"{run.iterations_per_epoch} iterations per epoch, {run.procs.world} process(es) on {run.device}")
 
 
 def _check_finite(first_bad: torch.Tensor, out: Path, procs: Processes) -> None:

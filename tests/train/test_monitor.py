@@ -1,0 +1,80 @@
+"""Run diagnostics: per-head validation Dice and pseudo-label quality, against independent computations."""
+
+import csv
+
+import numpy as np
+import torch
+
+from skcdf.metrics import dice_per_class
+from skcdf.nn import SKCDFNet
+from skcdf.train.monitor import HEADS, PseudoLabelMonitor, confusion_counts, dice_from_confusion, validate_heads
+from skcdf.train.trainer import train
+from tests.conftest import tiny_config
+
+K = 5
+
+
+def _label_maps(seed: int, shape=(3, 6, 7, 5)) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    prediction = torch.randint(0, K, shape, generator=generator)
+    label = torch.randint(0, K - 1, shape, generator=generator)  # class K-1 absent from the labels
+    prediction[0][prediction[0] == 2] = 0  # class 2 absent from one sample's prediction
+    label[1][label[1] == 3] = 1
+    prediction[1][prediction[1] == 3] = 1  # class 3 absent on both sides in sample 1
+    return prediction, label
+
+
+def test_confusion_dice_equals_the_metrics_module():
+    prediction, label = _label_maps(0)
+    confusion = confusion_counts(prediction, label, K)
+    assert confusion.shape == (3, K, K) and int(confusion.sum()) == label.numel()
+    dice = dice_from_confusion(confusion)
+    for sample in range(3):
+        expected = dice_per_class(prediction[sample].numpy(), label[sample].numpy(), range(K))
+        np.testing.assert_allclose(dice[sample].numpy(), expected, atol=1e-9)
+    assert dice[1, 3] == 100.0  # both empty
+    assert (dice[:, K - 1] == 0).all()  # predicted but absent from the labels
+
+
+def test_validate_heads_equals_per_case_dice_of_each_output():
+    torch.manual_seed(0)
+    model = SKCDFNet(num_classes=K, filters=2, patch_size=(32, 32, 32), skcm=True, aux_heads=True).eval()
+    images = torch.rand(3, 1, 32, 32, 32)
+    labels = torch.randint(0, K, (3, 32, 32, 32))
+    batches = [{"image": images[:2], "label": labels[:2]}, {"image": images[2:], "label": labels[2:]}]
+    dice = validate_heads(model, batches, torch.device("cpu"), K)
+    assert set(dice) == set(HEADS)
+    with torch.no_grad():
+        outputs = dict(zip(HEADS, model.forward_labeled_decoder(images) + model(images, flow="unlabeled")))
+    for head in HEADS:
+        per_case = [dice_per_class(outputs[head][i].argmax(0).numpy(), labels[i].numpy(), range(1, K)) for i in range(3)]
+        np.testing.assert_allclose(dice[head].numpy(), np.mean(per_case, axis=0), atol=1e-9)
+
+
+def test_pseudo_label_monitor_pools_an_epoch():
+    monitor = PseudoLabelMonitor(K, torch.device("cpu"))
+    first, second = _label_maps(1), _label_maps(2)
+    for prediction, label in (first, second):
+        monitor.update({"main": prediction}, label)
+    row = monitor.summary(with_true_labels=True)
+    prediction = torch.cat([first[0], second[0]]).numpy()
+    label = torch.cat([first[1], second[1]]).numpy()
+    assert np.isclose(row["pseudo_dice_main"], dice_per_class(prediction, label, range(1, K)).mean())
+    assert np.isclose(row["pseudo_fg_main"], (prediction > 0).mean())
+    assert np.isclose(row["true_fg"], (label > 0).mean())
+    monitor.update({"main": first[0]}, None)  # summary reset the counts; no true labels: fractions only
+    assert monitor.summary(with_true_labels=False) == {"pseudo_fg_main": float((first[0] > 0).float().mean())}
+
+
+def test_metrics_csv_shows_every_head_and_the_pseudo_labels(tiny_phantom, tmp_path):
+    train(tiny_config(epochs=1), tiny_phantom, tmp_path / "run")
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    for head in HEADS:
+        assert 0 <= float(row[f"val_dice_{head}"]) <= 100
+    assert row["val_dice_mean"] == row["val_dice_unlabeled_main"]  # the inference head is D_u main
+    for name in ("pseudo_dice_main", "pseudo_dice_aux"):
+        assert 0 <= float(row[name]) <= 100
+    for name in ("pseudo_fg_main", "pseudo_fg_aux", "true_fg"):
+        assert 0 <= float(row[name]) <= 1
+    assert float(row["true_fg"]) > 0  # the phantom's unlabeled cases have labels
