@@ -3,7 +3,8 @@
 Default: the paper's setting, one 80×160×160 volume, 32 filters, patch 64×128×128, 14 classes, stride
 16×32×32 (8 windows). ``--quick`` shrinks everything (8 filters, patch 32×64×64, volume 40×80×80) for
 a smoke run. Reports the median wall time over ``--repeats`` runs and windows per second, on the CPU
-and on CUDA when present.
+and on CUDA when present, and with ``--device onnx`` for the model exported to ONNX and run by
+onnxruntime (needs ``skcdf[onnx]``).
 
 ``--scan-size D H W`` instead predicts one full-size scan (int16 HU, e.g. 600 512 512) the way
 ``skcdf predict`` does a scan file: resampled to the training size, the sliding window, and the
@@ -12,6 +13,7 @@ memory (run one size per process: the peak is the process's).
 
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
     .venv/bin/python benchmarks/predict.py --scan-size 600 512 512 [--batch N] [--device cpu]
+    .venv/bin/python benchmarks/predict.py --device cpu --device onnx      # PyTorch against onnxruntime
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import argparse
 import math
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from skcdf.export import OnnxModel, export_onnx
 from skcdf.infer import InferenceSettings, predict_scan, predict_volume
 from skcdf.nn import SKCDFNet
 
@@ -42,9 +47,17 @@ def window_count(volume: tuple[int, ...], patch: tuple[int, ...], stride: tuple[
 
 
 def time_device(device: str, setup: dict, settings: InferenceSettings, repeats: int) -> list[float]:
-    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).to(device).eval()
+    """Seconds per volume of each timed run; device ``"onnx"`` runs the exported model with onnxruntime."""
+    torch.manual_seed(0)  # the same weights on every device
+    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).eval()
     image = np.random.default_rng(0).uniform(-1000, 1000, setup["volume"]).astype(np.float32)
     preprocessing = {"size": list(setup["volume"]), "window": [-75, 275], "patch_size": list(setup["patch"])}
+    if device == "onnx":
+        with tempfile.TemporaryDirectory() as folder:
+            # as many threads as PyTorch gets, for a fair comparison
+            model = OnnxModel.load(export_onnx(model, preprocessing, Path(folder) / "model.onnx"), torch.get_num_threads())
+    else:
+        model = model.to(device)
     if device == "cuda":
         predict_volume(model, image, preprocessing, settings)  # warm-up: CUDA context, cuDNN algorithm choice
     seconds = []
@@ -84,7 +97,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 2 on CPU, 5 on CUDA)")
     parser.add_argument("--batch", type=int, default=InferenceSettings().sw_batch_size, help="windows per forward")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per window)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), action="append", help="default: cpu, and cuda if present")
+    parser.add_argument("--device", choices=("cpu", "cuda", "onnx"), action="append",
+                        help="default: cpu, and cuda if present; onnx: the exported model in onnxruntime (CPU)")
     parser.add_argument("--scan-size", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="predict one full-size scan of this size (one device) and report peak memory")
     args = parser.parse_args()

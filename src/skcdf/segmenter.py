@@ -113,8 +113,8 @@ class Segmenter:
             ``(K, D, H, W)`` float32 array (K volumes of the scan's size: mind the memory).
 
         Raises:
-            InputError: an unreadable file or series (the message names it), an array that is not
-                3-D, a spacing that is not three positive numbers, a DICOM option without a DICOM folder.
+            InputError: an unreadable file or series (the message names it), an array or image that
+                is not 3-D, a spacing that is not three positive numbers, a DICOM option without a DICOM folder.
         """
         image, as_array = self._as_image(x, spacing, series_uid)
         prediction = predict_scan(self.network, image, self.preprocessing, self.settings, probabilities)
@@ -141,6 +141,9 @@ class Segmenter:
         if spacing is not None:
             raise InputError("spacing applies to numpy arrays only; images and files carry their own")
         if isinstance(x, sitk.Image):
+            if x.GetDimension() != 3 or x.GetNumberOfComponentsPerPixel() != 1:
+                raise InputError(f"expected a 3-D grey-level image, got a {x.GetDimension()}-D image with "
+                                 f"{x.GetNumberOfComponentsPerPixel()} value(s) per voxel")
             return x, False
         return read_scan(x, expect_ct=self.preprocessing.get("window") is not None, series_uid=series_uid), False
 
