@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,onnx]"
 	touch $@
 
 install: $(VENV)/.installed

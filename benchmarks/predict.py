@@ -3,10 +3,18 @@
 Default: the paper's setting, one 80×160×160 volume, 32 filters, patch 64×128×128, 14 classes, stride
 16×32×32 (8 windows). ``--quick`` shrinks everything (8 filters, patch 32×64×64, volume 40×80×80) for
 a smoke run. Reports the median wall time over ``--repeats`` runs and windows per second, on the CPU
-and on CUDA when present.
+and on CUDA when present, and with ``--device onnx`` for the model exported to ONNX and run by
+onnxruntime (needs ``skcdf[onnx]``).
+
+``--scan-size D H W`` instead predicts one full-size scan (int16 HU, e.g. 600 512 512) the way
+``skcdf predict`` does a scan file: resampled to the training size, the sliding window, and the
+probabilities resampled back class by class. It reports the time and the process's peak resident
+memory (run one size per process: the peak is the process's).
 
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
                                            [--jsonl FILE]
+    .venv/bin/python benchmarks/predict.py --scan-size 600 512 512 [--batch N] [--device cpu]
+    .venv/bin/python benchmarks/predict.py --device cpu --device onnx      # PyTorch against onnxruntime
 """
 
 from __future__ import annotations
@@ -14,13 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
-from skcdf.infer import InferenceSettings, predict_volume
+from skcdf.export import OnnxModel, export_onnx
+from skcdf.infer import InferenceSettings, predict_scan, predict_volume
 from skcdf.nn import SKCDFNet
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
@@ -36,9 +49,17 @@ def window_count(volume: tuple[int, ...], patch: tuple[int, ...], stride: tuple[
 
 
 def time_device(device: str, setup: dict, settings: InferenceSettings, repeats: int) -> list[float]:
-    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).to(device).eval()
+    """Seconds per volume of each timed run; device ``"onnx"`` runs the exported model with onnxruntime."""
+    torch.manual_seed(0)  # the same weights on every device
+    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).eval()
     image = np.random.default_rng(0).uniform(-1000, 1000, setup["volume"]).astype(np.float32)
     preprocessing = {"size": list(setup["volume"]), "window": [-75, 275], "patch_size": list(setup["patch"])}
+    if device == "onnx":
+        with tempfile.TemporaryDirectory() as folder:
+            # as many threads as PyTorch gets, for a fair comparison
+            model = OnnxModel.load(export_onnx(model, preprocessing, Path(folder) / "model.onnx"), torch.get_num_threads())
+    else:
+        model = model.to(device)
     if device == "cuda":
         predict_volume(model, image, preprocessing, settings)  # warm-up: CUDA context, cuDNN algorithm choice
     seconds = []
@@ -51,19 +72,46 @@ def time_device(device: str, setup: dict, settings: InferenceSettings, repeats: 
     return seconds
 
 
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_full_scan(device: str, setup: dict, settings: InferenceSettings, scan_size: tuple[int, int, int]) -> None:
+    """Predict one random int16 scan of ``scan_size`` (D, H, W) on its own grid; print time and peak memory."""
+    model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).to(device).eval()
+    preprocessing = {"size": list(setup["volume"]), "window": [-75, 275], "patch_size": list(setup["patch"])}
+    scan = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, scan_size, dtype=np.int16))
+    scan.SetSpacing((0.8, 0.8, 1.5))
+    before = peak_rss_gib()
+    start = time.perf_counter()
+    labels = predict_scan(model, scan, preprocessing, settings).labels
+    seconds = time.perf_counter() - start
+    assert labels.shape == scan_size
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"{device} ({name}): scan {scan_size} int16 -> {setup['volume']} -> back: {seconds:.1f} s; peak RSS "
+          f"{peak_rss_gib():.2f} GiB (before predicting, with the model and the scan: {before:.2f} GiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model and volume (smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 2 on CPU, 5 on CUDA)")
     parser.add_argument("--batch", type=int, default=InferenceSettings().sw_batch_size, help="windows per forward")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per window)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), action="append", help="default: cpu, and cuda if present")
+    parser.add_argument("--device", choices=("cpu", "cuda", "onnx"), action="append",
+                        help="default: cpu, and cuda if present; onnx: the exported model in onnxruntime (CPU)")
+    parser.add_argument("--scan-size", type=int, nargs=3, metavar=("D", "H", "W"),
+                        help="predict one full-size scan of this size (one device) and report peak memory")
     parser.add_argument("--jsonl", help="also append one JSON object per device to this file")
     args = parser.parse_args()
 
     setup = QUICK if args.quick else PAPER
     settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.scan_size:
+        time_full_scan(devices[0], setup, settings, tuple(args.scan_size))
+        return
     windows = window_count(setup["volume"], setup["patch"], settings.stride) * (4 if args.tta else 1)
     print(
         f"volume {setup['volume']}, patch {setup['patch']}, {setup['filters']} filters, {NUM_CLASSES} classes, "

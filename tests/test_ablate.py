@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -60,3 +61,21 @@ def test_ablation_resumes_after_an_interruption(tiny_phantom, tmp_path, monkeypa
     dice = [load_summary(tmp_path / "df" / f"seed{s}" / "eval-unlabeled" / "summary.json")["average"]["dice"]
             for s in (0, 1)]
     assert f"{(dice[0] + dice[1]) / 2:.2f} ±" in text
+    with (tmp_path / "ablation.csv").open() as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(line["variant"], line["seed"]) for line in lines] == [("baseline", "0"), ("baseline", "1"),
+                                                                    ("df", "0"), ("df", "1")]
+    assert list(lines[0])[:5] == ["variant", "seed", "iterations", "split", "mean_dice"] and "LAG" in lines[0]
+    assert all(line["iterations"] == "2" and line["split"] == "test" for line in lines)
+    assert [float(line["mean_dice"]) for line in lines[2:]] == pytest.approx(dice, abs=1e-4)
+
+
+def test_parallel_ablation_trains_in_worker_processes(tiny_phantom, tmp_path):
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY_SETTINGS, "epochs": 1}.items()]
+    rows = plan_rows(["labeled_only", "df"])
+    run_ablation("phantom", tiny_phantom, tmp_path, rows, seeds=[0], overrides=overrides, jobs=2,
+                 csv_path=tmp_path / "results.csv")
+    for name in ("labeled_only", "df"):  # trained by the workers, evaluated here
+        assert (tmp_path / name / "seed0" / "last.pt").is_file()
+        assert (tmp_path / name / "seed0" / "eval-unlabeled" / "summary.json").is_file()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3

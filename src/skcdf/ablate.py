@@ -8,6 +8,8 @@ are reused when they already finished, so an interrupted ablation picks up where
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,48 +61,112 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
     return list(unique.values())
 
 
-def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[AblationRow],
-                 seeds: Sequence[int] = (0, 1, 666), overrides: Sequence[str] = ()) -> Path:
-    """Train, predict and evaluate every row for every seed (reusing finished work), then write
-    ``OUT/ablation.md``: mean ± std over seeds of the average Dice and ASD, and per-class Dice.
+def _train_in_process(preset: str, settings: list[str], data: str, run: str, threads: int) -> None:
+    """One training run in a worker process of a parallel ablation, with ``threads`` CPU threads."""
+    import torch
 
-    ``overrides`` are ``key=value`` settings applied to every run (e.g. ``epochs=20``).
-    """
-    from skcdf.checkpoint import load_model
-    from skcdf.infer import InferenceSettings, predict_dataset
-    from skcdf.metrics import evaluate_folders
-    from skcdf.report import aggregate, load_summary, render_table
     from skcdf.train.config import load_config
     from skcdf.train.trainer import train
 
+    torch.set_num_threads(threads)
+    train(load_config(preset, settings), data, run, resume=(Path(run) / "config.yaml").is_file())
+
+
+def _train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) -> None:
+    """Train (or finish) every run of ``todo`` (run folder -> settings): in this process one after the
+    other, or ``jobs`` at a time in worker processes that share the CPU cores (or one GPU)."""
+    from skcdf.train.config import load_config
+    from skcdf.train.trainer import train
+
+    if jobs == 1:
+        for number, (run, settings) in enumerate(todo.items(), 1):
+            print(f"[ablate] training {number}/{len(todo)}: {run}", flush=True)
+            train(load_config(preset, settings), data, run, resume=(run / "config.yaml").is_file())
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"[ablate] training {len(todo)} run(s), {jobs} at a time ({threads} CPU thread(s) each)", flush=True)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_in_process, preset, settings, str(data), str(run), threads)
+                   for run, settings in todo.items()]
+        for future in futures:
+            future.result()  # re-raises a worker's error; finished runs stay reusable
+
+
+def _iterations(run: Path) -> int:
+    """Training iterations of a finished run (the last row of its metrics.csv)."""
+    with (run / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return int(rows[-1]["iteration"]) if rows else 0
+
+
+def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[AblationRow],
+                 seeds: Sequence[int] = (0, 1, 666), overrides: Sequence[str] = (), jobs: int = 1,
+                 csv_path: str | Path | None = None) -> Path:
+    """Train, predict and evaluate every row for every seed (reusing finished work), then write
+    ``OUT/ablation.md`` (mean ± std over seeds of the average Dice and ASD, and per-class Dice) and
+    a machine-readable CSV (``csv_path``, default ``OUT/ablation.csv``): one line per row and seed with
+    ``variant,seed,iterations,split,mean_dice`` and one Dice column per class.
+
+    ``overrides`` are ``key=value`` settings applied to every run (e.g. ``epochs=20``). ``jobs`` > 1
+    trains that many runs side by side in worker processes; evaluation follows in this process.
+    """
+    from skcdf.report import aggregate, load_summary, render_table
+
     data, out = Path(data), Path(out)
-    table_rows = []
-    for number, row in enumerate(rows, 1):
-        summaries = []
-        for seed in seeds:
+    evaluations = {(row.run_name, row.decoder, seed): out / row.run_name / f"seed{seed}" / f"eval-{row.decoder}"
+                   for row in rows for seed in seeds}
+    pending = [(row, seed) for row in rows for seed in seeds
+               if not (evaluations[row.run_name, row.decoder, seed] / "summary.json").is_file()]
+    todo = {out / row.run_name / f"seed{seed}": [*overrides, *(f"{k}={v}" for k, v in row.overrides.items()),
+                                                 f"seed={seed}"] for row, seed in pending}
+    if jobs == 1:
+        # one run at a time, each evaluated at once: an interruption loses at most the run under way
+        for row, seed in pending:
             run = out / row.run_name / f"seed{seed}"
-            evaluation = run / f"eval-{row.decoder}"
-            tag = f"[ablate {number}/{len(rows)}] {row.title}, seed {seed}"
-            if not (evaluation / "summary.json").is_file():
-                settings = [*overrides, *(f"{k}={v}" for k, v in row.overrides.items()), f"seed={seed}"]
-                config = load_config(preset, settings)
-                print(f"{tag}: training in {run}", flush=True)
-                train(config, data, run, resume=(run / "config.yaml").is_file())
-                print(f"{tag}: predicting and evaluating ({row.decoder} decoder)", flush=True)
-                model, preprocessing = load_model(run)
-                predictions = run / f"pred-{row.decoder}"
-                result = predict_dataset(model, data, predictions, preprocessing,
-                                         InferenceSettings(decoder=row.decoder), split="test")
-                if result.failures:
-                    raise RuntimeError(f"{run}: prediction failed for {result.failures}")
-                evaluate_folders(predictions, data, evaluation, split="test", name=row.title)
-            else:
-                print(f"{tag}: reusing {evaluation}", flush=True)
-            summaries.append(load_summary(evaluation / "summary.json"))
+            if run in todo:
+                _train_runs(preset, data, {run: todo.pop(run)}, 1)
+            _evaluate(row, seed, run, data, evaluations[row.run_name, row.decoder, seed])
+    else:
+        _train_runs(preset, data, todo, jobs)
+        for row, seed in pending:
+            _evaluate(row, seed, out / row.run_name / f"seed{seed}", data, evaluations[row.run_name, row.decoder, seed])
+
+    table_rows, lines = [], []
+    for row in rows:
+        summaries = [load_summary(evaluations[row.run_name, row.decoder, seed] / "summary.json") for seed in seeds]
         table_rows.append((row.title, aggregate(summaries)))
+        variant = row.run_name + ("" if row.decoder == "unlabeled" else f"@{row.decoder}-decoder")
+        for seed, summary in zip(seeds, summaries):
+            lines.append([variant, seed, _iterations(out / row.run_name / f"seed{seed}"), summary["split"],
+                          f"{summary['average']['dice']:.4f}", *(f"{d:.4f}" for d in summary["per_class"]["dice"])])
     text = (f"# Ablation on `{data}` (preset `{preset}`, seeds {', '.join(map(str, seeds))})\n\n"
             "Mean ± std over seeds of each run's class-averaged Dice (%) and ASD (voxels); per-class columns "
             "are mean Dice.\n\n" + render_table(table_rows) + "\n")
     table = out / "ablation.md"
     atomic_write_text(table, text)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["variant", "seed", "iterations", "split", "mean_dice", *summaries[0]["class_abbrevs"]])
+    writer.writerows(lines)
+    atomic_write_text(Path(csv_path) if csv_path else out / "ablation.csv", buffer.getvalue())
     return table
+
+
+def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:
+    """Predict the test split with the row's decoder and evaluate it into ``evaluation``."""
+    from skcdf.checkpoint import load_model
+    from skcdf.infer import InferenceSettings, predict_dataset
+    from skcdf.metrics import evaluate_folders
+
+    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({row.decoder} decoder)", flush=True)
+    model, preprocessing = load_model(run)
+    predictions = run / f"pred-{row.decoder}"
+    result = predict_dataset(model, data, predictions, preprocessing, InferenceSettings(decoder=row.decoder),
+                             split="test")
+    if result.failures:
+        raise RuntimeError(f"{run}: prediction failed for {result.failures}")
+    evaluate_folders(predictions, data, evaluation, split="test", name=row.title)

@@ -58,12 +58,15 @@ def reference_to_skcdf_key(key: str) -> str | None:
 
 def from_reference_state_dict(state_dict: Mapping[str, torch.Tensor],
                               patch_size: Sequence[int] = (64, 128, 128),
-                              num_heads: int = 2, dropout: bool = True) -> SKCDFNet:
+                              num_heads: int = 2, dropout: bool = True,
+                              dtype: torch.dtype = torch.float32) -> SKCDFNet:
     """Build an :class:`SKCDFNet` holding the weights of a reference-implementation state dict.
 
     The number of classes, input channels and base filters are read from the tensor shapes; the patch
     size and head count cannot be (the global token embedding fixes d·h·w only), so they are arguments.
     ``dropout`` only matters when the model is trained further (the reference trains with dropout on).
+    ``dtype``: the model's floating-point type; ``torch.float64`` keeps a float64 state dict exact
+    (as for replaying the reference's training fixture).
     A ``{"state_dict": …}`` / ``{"model": …}`` wrapper and a DataParallel ``module.`` prefix are accepted.
 
     Raises:
@@ -79,7 +82,7 @@ def from_reference_state_dict(state_dict: Mapping[str, torch.Tensor],
     has_skcm = any(k.startswith("cross_attention_") for k in state_dict)
     model = SKCDFNet(in_channels=first_conv.shape[1], num_classes=head.shape[0], filters=first_conv.shape[0],
                      patch_size=patch_size, num_heads=num_heads, skcm=has_skcm,
-                     aux_heads="decoder_l.out_conv9_abc.weight" in state_dict, dropout=dropout)
+                     aux_heads="decoder_l.out_conv9_abc.weight" in state_dict, dropout=dropout).to(dtype)
     expected = model.state_dict()
     converted: dict[str, torch.Tensor] = {}
     unexpected, mis_shaped, mis_shaped_keys = [], [], set()

@@ -5,13 +5,17 @@ Layers, from the core outward:
 - :func:`sliding_window_probabilities`: softmax probabilities of one preprocessed tensor volume,
   averaged over MONAI's sliding windows (stride 16 along depth and 32 in-plane by default).
 - :func:`predict_volume`: a numpy volume already on the training grid (a prepared case) -> labels.
-- :func:`predict_image`: a SimpleITK image on any grid -> labels on that same grid (resampled to the
-  training size for the network, probabilities resampled back).
-- :func:`predict_image_file`, :func:`predict_files`, :func:`predict_dataset`, :func:`predict_path`:
-  files in, ``<id>.nii.gz`` out (uint8 labels, written atomically), one failing case never stops the others.
+- :func:`predict_scan` / :func:`predict_image`: a SimpleITK image on any grid -> labels (and, on
+  request, probabilities) on that same grid (resampled to the training size for the network,
+  probabilities resampled back one class at a time).
+- :func:`predict_image_file`, :func:`predict_dicom_series`, :func:`predict_files`, :func:`predict_dataset`,
+  :func:`predict_path`: files in, ``<id>.nii.gz`` out (uint8 labels, written atomically; a DICOM
+  series can also get a DICOM SEG), one failing case never stops the others.
 
-The model is anything with SKCDFNet's inference interface: ``model(x, flow="unlabeled")`` and
-``model.forward_labeled_decoder(x)``, each returning ``(main_logits, aux_logits)``.
+The model is a :data:`Network`: either a torch module with SKCDFNet's inference interface
+(``model(x, flow="unlabeled")`` and ``model.forward_labeled_decoder(x)``, each returning
+``(main_logits, aux_logits)``), or an :class:`skcdf.export.OnnxModel` run by onnxruntime.
+:class:`skcdf.segmenter.Segmenter` bundles a network with its preprocessing for everyday use.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Iterator, Literal, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,25 +34,33 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 from tqdm.auto import tqdm
 
+from skcdf.data.classes import SYNAPSE_NAMES
 from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
 from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
 from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
 from skcdf.utils import InputError, atomic_path
+
+if TYPE_CHECKING:
+    from skcdf.export import OnnxModel
 
 __all__ = [
     "DEFAULT_STRIDE",
     "IMAGE_SUFFIXES",
     "CaseFailure",
     "InferenceSettings",
+    "Network",
     "PredictionSummary",
+    "ScanPrediction",
     "case_id_from_path",
     "model_logits",
     "overlap_for_stride",
     "predict_dataset",
+    "predict_dicom_series",
     "predict_files",
     "predict_image",
     "predict_image_file",
     "predict_path",
+    "predict_scan",
     "predict_volume",
     "sliding_window_probabilities",
 ]
@@ -61,6 +73,9 @@ _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))
 
 Decoder = Literal["unlabeled", "labeled"]
 Blend = Literal["constant", "gaussian"]
+
+#: What predicts: a torch SKCDFNet(-like) module in eval mode, or an exported ONNX model.
+Network = Union[nn.Module, "OnnxModel"]
 
 
 @dataclass(frozen=True)
@@ -193,17 +208,24 @@ def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
-def _volume_probabilities(
-    model: nn.Module, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings
-) -> torch.Tensor:
-    """HU volume ``(D, H, W)`` on the training grid -> probabilities ``(K, D, H, W)`` on the model's device."""
+def _network_logits(model: Network, decoder: Decoder) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device]:
+    """The network's ``x (b, 1, D, H, W) -> logits (b, K, D, H, W)`` function and the device its input goes to."""
+    if not isinstance(model, nn.Module):  # an ONNX model runs on the CPU through onnxruntime
+        return model.logits_fn(decoder), torch.device("cpu")
     if model.training:
         raise ValueError("the model is in training mode (dropout, batch statistics): call model.eval() first")
-    device = next(model.parameters()).device
+    return model_logits(model, decoder), next(model.parameters()).device
+
+
+def _volume_probabilities(
+    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings
+) -> torch.Tensor:
+    """HU volume ``(D, H, W)`` on the training grid -> probabilities ``(K, D, H, W)`` on the model's device."""
+    model_fn, device = _network_logits(model, settings.decoder)
     normalized = normalize_intensity(np.asarray(image, dtype=np.float32), preprocessing.get("window"))
     volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device)[None, None]
     probabilities = sliding_window_probabilities(
-        model_logits(model, settings.decoder),
+        model_fn,
         volume,
         preprocessing["patch_size"],
         stride=settings.stride,
@@ -221,12 +243,12 @@ def _argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
 
 
 def predict_volume(
-    model: nn.Module, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
 ) -> np.ndarray:
     """Label map of a volume that is already on the training grid (e.g. a prepared case).
 
     Args:
-        model: an SKCDFNet-like model in eval mode, on the device to run on.
+        model: an SKCDFNet-like model in eval mode on the device to run on, or an ONNX model.
         image: ``(D, H, W)`` intensities in HU (not yet windowed or scaled).
         preprocessing: the checkpoint's ``preprocessing`` dict; uses ``"window"`` (CT window or None)
             and ``"patch_size"``.
@@ -247,22 +269,35 @@ def _place(array: np.ndarray, grid: Geometry) -> sitk.Image:
     return image
 
 
+def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> Iterator[np.ndarray]:
+    """Each class's probabilities ``(d, h, w)`` on the prepared grid of ``geometry``, resampled linearly
+    onto the original grid ``geometry`` (as SPEC §2 prepared them, backwards): ``(D, H, W)`` float32,
+    one class at a time, so that a consumer need not hold K volumes of the original size.
+
+    Each is a read-only view of SimpleITK's buffer (no copy), valid until the next one is asked for.
+    """
+    for channel in probabilities:
+        resampled = to_original_space(channel, geometry, is_label=False)  # kept alive while its view is used
+        yield sitk.GetArrayViewFromImage(resampled)
+
+
 def _labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Probabilities ``(K, d, h, w)`` on the prepared grid of ``geometry`` -> argmax labels ``(D, H, W)``
-    uint8 on the original grid ``geometry`` (resampled linearly, as SPEC §2 prepared them, backwards).
+    uint8 on the original grid ``geometry``.
 
-    One class at a time with a running maximum, so memory holds two float volumes of the original
-    size rather than K (a 512×512×300 scan with 14 classes would need 4 GiB).
+    A running maximum over the classes keeps two float volumes of the original size in memory (the
+    maximum so far and the class being compared) rather than K: 1.3 GB instead of 8.8 GB for a
+    512×512×600 scan with 14 classes.
     """
     best = labels = None
-    for label, channel in enumerate(probabilities):
-        resampled = sitk.GetArrayFromImage(to_original_space(channel, geometry, is_label=False))
+    for label, resampled in enumerate(_channels_in_original_space(probabilities, geometry)):
         if best is None:
-            best, labels = resampled, np.zeros(resampled.shape, np.uint8)
+            best, labels = np.array(resampled), np.zeros(resampled.shape, np.uint8)
         else:
-            better = resampled > best  # strict, so ties keep the lower label like argmax
+            better = np.greater(resampled, best)  # strict, so ties keep the lower label like argmax
             np.copyto(best, resampled, where=better)
             labels[better] = label
+            del better, resampled  # free them before the next class is resampled
     return labels
 
 
@@ -272,32 +307,65 @@ def _write(image: sitk.Image, path: Path) -> Path:
     return path
 
 
-def predict_image(
-    model: nn.Module, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
-) -> sitk.Image:
-    """Label map of a scan on its own grid, so that it overlays the scan in any viewer.
+@dataclass(frozen=True)
+class ScanPrediction:
+    """The prediction of one scan, on the scan's own grid.
+
+    Attributes:
+        labels: ``(D, H, W)`` uint8 class indices.
+        probabilities: ``(K, D, H, W)`` float32 softmax probabilities, when asked for (K volumes of
+            the scan's size: 8.8 GB for a 512×512×600 scan with 14 classes), else None.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+
+
+def predict_scan(
+    model: Network,
+    image: sitk.Image,
+    preprocessing: Mapping,
+    settings: InferenceSettings = InferenceSettings(),
+    probabilities: bool = False,
+) -> ScanPrediction:
+    """Labels (and optionally probabilities) of a scan on its own grid.
 
     The scan is preprocessed as in training (trilinear resampling to ``preprocessing["size"]`` when
     set, CT window, per-volume min-max scaling), predicted with the sliding window, and the softmax
-    probabilities are resampled linearly back to the scan's grid before the argmax.
+    probabilities are resampled linearly back to the scan's grid before the argmax, one class at a
+    time unless the probabilities themselves are asked for.
 
     Args:
-        model: an SKCDFNet-like model in eval mode, on the device to run on.
+        model: an SKCDFNet-like model in eval mode on the device to run on, or an ONNX model.
         image: a 3D scan in HU, any size, spacing, origin and direction.
         preprocessing: the checkpoint's ``preprocessing`` dict (``size``, ``window``, ``patch_size``).
         settings: decoder, stride, blending, TTA, AMP.
+        probabilities: also return the ``(K, D, H, W)`` probabilities on the scan's grid.
+    """
+    size = preprocessing.get("size")
+    network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
+    on_network_grid = _volume_probabilities(
+        model, sitk.GetArrayViewFromImage(network_input), preprocessing, settings).cpu().numpy()
+    if size is None:
+        return ScanPrediction(on_network_grid.argmax(0).astype(np.uint8), on_network_grid if probabilities else None)
+    geometry = Geometry.of_image(image)
+    if probabilities:
+        resampled = np.empty((len(on_network_grid), *reversed(geometry.size)), np.float32)
+        for label, channel in enumerate(_channels_in_original_space(on_network_grid, geometry)):
+            resampled[label] = channel
+        return ScanPrediction(resampled.argmax(0).astype(np.uint8), resampled)
+    return ScanPrediction(_labels_in_original_space(on_network_grid, geometry))
+
+
+def predict_image(
+    model: Network, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+) -> sitk.Image:
+    """Label map of a scan on its own grid, so that it overlays the scan in any viewer (see :func:`predict_scan`).
 
     Returns:
         uint8 label image with the size, spacing, origin and direction of ``image``.
     """
-    size = preprocessing.get("size")
-    network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
-    probabilities = _volume_probabilities(model, sitk.GetArrayFromImage(network_input), preprocessing, settings)
-    if network_input is image:
-        labels = _argmax_labels(probabilities)
-    else:
-        labels = _labels_in_original_space(probabilities.cpu().numpy(), Geometry.of_image(image))
-    return _place(labels, Geometry.of_image(image))
+    return _place(predict_scan(model, image, preprocessing, settings).labels, Geometry.of_image(image))
 
 
 def case_id_from_path(path: str | Path) -> str:
@@ -307,7 +375,7 @@ def case_id_from_path(path: str | Path) -> str:
 
 
 def predict_image_file(
-    model: nn.Module,
+    model: Network,
     path: str | Path,
     output_dir: str | Path,
     preprocessing: Mapping,
@@ -320,6 +388,39 @@ def predict_image_file(
     """
     labels = predict_image(model, read_image(path), preprocessing, settings)
     return _write(labels, Path(output_dir) / f"{case_id_from_path(path)}.nii.gz")
+
+
+def predict_dicom_series(
+    model: Network,
+    folder: str | Path,
+    output_dir: str | Path,
+    preprocessing: Mapping,
+    settings: InferenceSettings = InferenceSettings(),
+    series_uid: str | None = None,
+    dicom_seg: bool = False,
+) -> list[Path]:
+    """Predict the DICOM series in ``folder`` (the one with the most slices, or ``series_uid``) and
+    write ``output_dir/<folder name>.nii.gz`` on the series' grid; with ``dicom_seg`` also
+    ``output_dir/<folder name>.seg.dcm``, a DICOM Segmentation referencing the series (see
+    :func:`skcdf.dicom.write_segmentation`).
+
+    A checkpoint with a CT window only accepts CT series.
+
+    Raises:
+        InputError: naming the folder: no series, a non-CT series, or slices that do not form one
+            regular grid (see :func:`skcdf.dicom.read_series`).
+    """
+    from skcdf import dicom
+
+    image, series = dicom.read_series(folder, series_uid, expect_ct=preprocessing.get("window") is not None)
+    labels = predict_scan(model, image, preprocessing, settings).labels
+    case_id = Path(folder).resolve().name
+    written = [_write(_place(labels, Geometry.of_image(image)), Path(output_dir) / f"{case_id}.nii.gz")]
+    if dicom_seg:
+        names = preprocessing.get("class_names") or SYNAPSE_NAMES  # a reference checkpoint is Synapse's
+        seg = dicom.write_segmentation(labels, series, names, Path(output_dir) / f"{case_id}.seg.dcm")
+        written += [seg] if seg is not None else []
+    return written
 
 
 def _for_each_case(cases: Sequence[str], predict_case: Callable[[str], list[Path]]) -> PredictionSummary:
@@ -335,7 +436,7 @@ def _for_each_case(cases: Sequence[str], predict_case: Callable[[str], list[Path
 
 
 def predict_files(
-    model: nn.Module,
+    model: Network,
     paths: Iterable[str | Path],
     output_dir: str | Path,
     preprocessing: Mapping,
@@ -358,7 +459,7 @@ def predict_files(
 
 
 def predict_dataset(
-    model: nn.Module,
+    model: Network,
     root: str | Path,
     output_dir: str | Path,
     preprocessing: Mapping,
@@ -413,37 +514,55 @@ def _is_prepared_dataset(folder: Path) -> bool:
 
 
 def predict_path(
-    model: nn.Module,
+    model: Network,
     source: str | Path,
     output_dir: str | Path,
     preprocessing: Mapping,
     settings: InferenceSettings = InferenceSettings(),
     split: str = "test",
     original_space: bool = False,
+    series_uid: str | None = None,
+    dicom_seg: bool = False,
 ) -> PredictionSummary:
     """Predict whatever ``source`` is: a prepared data set (see :func:`predict_dataset`), a folder of
-    scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not hidden, not recursive) or one scan file (see
-    :func:`predict_files`). ``split`` and ``original_space`` apply to prepared data sets only; scans are
-    always written on their own grid.
+    scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not hidden, not recursive), a folder
+    holding a DICOM series (see :func:`predict_dicom_series`) or one scan file (see
+    :func:`predict_files`). ``split`` and ``original_space`` apply to prepared data sets only,
+    ``series_uid`` and ``dicom_seg`` to DICOM series only; scans are always written on their own grid.
 
     Raises:
-        InputError: ``source`` does not exist, or is a folder with neither a data set nor scan files.
+        InputError: ``source`` does not exist, is a folder with neither a data set, scan files nor a
+            DICOM series, or a DICOM option is given for another kind of input; for a DICOM series,
+            any error of :func:`predict_dicom_series`.
     """
+    from skcdf.dicom import is_dicom_folder
+
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
+    if source.is_dir() and not _is_prepared_dataset(source) and not _scan_files(source) and is_dicom_folder(source):
+        overlap_for_stride(preprocessing["patch_size"], settings.stride)  # the usual message for a bad stride
+        return PredictionSummary(
+            written=predict_dicom_series(model, source, output_dir, preprocessing, settings, series_uid, dicom_seg))
+    if series_uid is not None or dicom_seg:
+        raise InputError(f"{source}: --series and --dicom-seg need a folder holding a DICOM series")
     if not source.is_dir():
         return predict_files(model, [source], output_dir, preprocessing, settings)
     if _is_prepared_dataset(source):
         return predict_dataset(model, source, output_dir, preprocessing, settings, split, original_space)
-    scans = sorted(
-        path for path in source.iterdir()
-        # hidden files include the temporary files of interrupted atomic writes
-        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
-    )
+    scans = _scan_files(source)
     if not scans:
         raise InputError(
-            f"{source}: neither a prepared data set (<id>_image.npy files) nor a folder of scans "
-            f"({', '.join(IMAGE_SUFFIXES)})"
+            f"{source}: neither a prepared data set (<id>_image.npy files), a folder of scans "
+            f"({', '.join(IMAGE_SUFFIXES)}) nor a DICOM series"
         )
     return predict_files(model, scans, output_dir, preprocessing, settings)
+
+
+def _scan_files(folder: Path) -> list[Path]:
+    """The scan files directly in ``folder``, sorted; hidden files (e.g. the temporary files of
+    interrupted atomic writes) are left out."""
+    return sorted(
+        path for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
+    )

@@ -132,40 +132,74 @@ def _series(x: list[str], y: list[str]) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> list[str]:
-    """Plot training losses and validation Dice from a run's ``metrics.csv``; returns the columns plotted.
+#: Columns of the "heads and pseudo-labels" panels (see skcdf.train.monitor).
+_HEAD_COLUMNS = ("val_dice_labeled_main", "val_dice_labeled_aux", "val_dice_unlabeled_main", "val_dice_unlabeled_aux")
+_PSEUDO_DICE_COLUMNS = ("pseudo_dice_main", "pseudo_dice_aux")
+_FOREGROUND_COLUMNS = ("pseudo_fg_main", "pseudo_fg_aux", "true_fg")
 
-    Every column whose name starts with ``loss`` is drawn against ``iteration`` (else ``epoch``) in
-    the left panel; every ``val_dice*`` column against ``epoch`` (else ``iteration``) in the right one.
+
+def _absent_from_validation(values: list[float]) -> bool:
+    """A class absent from every validation crop scores exactly 100 at every validation (SPEC §4:
+    both sides empty); drawn, it would be a flat line that reads like a perfect organ."""
+    return bool(values) and all(v == 100.0 for v in values)
+
+
+def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> list[str]:
+    """Plot a run's ``metrics.csv``; returns the columns plotted.
+
+    Panels, each drawn when its columns are there:
+    - training losses (``loss*`` against ``iteration``, else ``epoch``);
+    - validation Dice: the mean (thick) and each class in its fixed organ colour (the overlay's);
+      classes absent from the validation crops are named in the panel instead of drawn;
+    - the Dice of every head (D_l/D_u, main/aux) and of the pseudo-labels (dashed), the place where a
+      run's collapse shows first;
+    - the foreground fraction of the pseudo-labels beside the true one.
     Raises InputError if the file is missing or has none of these columns.
     """
     from matplotlib.figure import Figure
 
     path = Path(metrics_csv)
     columns = _read_columns(path)
-    panels = []
-    for title, prefix, x_names in (("Training loss", "loss", ("iteration", "epoch")),
-                                   ("Validation Dice", "val_dice", ("epoch", "iteration"))):
-        x_name = next((n for n in x_names if n in columns), None)
-        names = [n for n in columns if n.startswith(prefix)]
-        if x_name is not None and names:
-            panels.append((title, x_name, names))
+    class_columns = [n for n in columns if n.startswith("val_dice_") and n != "val_dice_mean" and n not in _HEAD_COLUMNS]
+    panels = [("Training loss", ("iteration", "epoch"), [n for n in columns if n.startswith("loss")]),
+              ("Validation Dice (inference head)", ("epoch", "iteration"),
+               [n for n in ("val_dice_mean", *class_columns) if n in columns]),
+              ("Dice of each head and of the pseudo-labels", ("epoch", "iteration"),
+               [n for n in (*_HEAD_COLUMNS, *_PSEUDO_DICE_COLUMNS) if n in columns]),
+              ("Foreground fraction", ("epoch", "iteration"), [n for n in _FOREGROUND_COLUMNS if n in columns])]
+    panels = [(title, next(x for x in xs if x in columns), names) for title, xs, names in panels
+              if names and any(x in columns for x in xs)]
     if not panels:
         raise InputError(f"{path}: no 'loss*' or 'val_dice*' columns with an 'iteration' or 'epoch' column to plot")
 
-    figure = Figure(figsize=(6 * len(panels), 4), layout="constrained")
+    figure = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
     plotted = []
     for ax, (title, x_name, names) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        absent = []
         for name in names:
             x, y = _series(columns[x_name], columns[name])
-            if x:
-                ax.plot(x, y, label=name, linewidth=2 if name.endswith("mean") else 1)
-                plotted.append(name)
+            if not x:
+                continue
+            style: dict = {"linewidth": 1}
+            if name in class_columns:
+                if _absent_from_validation(y):
+                    absent.append(name.removeprefix("val_dice_"))
+                    continue
+                style["color"] = organ_colour(class_columns.index(name) + 1)
+            elif name == "val_dice_mean":
+                style.update(color="black", linewidth=2.5)
+            elif name.startswith("pseudo_"):
+                style["linestyle"] = "--"
+            ax.plot(x, y, label=name.removeprefix("val_dice_"), **style)
+            plotted.append(name)
+        if absent:
+            ax.text(0.01, 0.99, "absent from the validation crops\n(Dice 100 by convention): " + ", ".join(absent),
+                    transform=ax.transAxes, va="top", fontsize=7, color="dimgray")
         ax.set_title(title)
         ax.set_xlabel(x_name)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, ncol=2 if len(ax.lines) > 8 else 1)
     if not plotted:
         raise InputError(f"{path}: the loss / val_dice columns hold no numbers")
     with atomic_path(out_png) as tmp:

@@ -18,7 +18,7 @@ def _reference_dice_ce(logits, labels, keep=None):
     ce = -log_probs[keep, flat_labels[keep]].mean()
     probs = log_probs.exp()[keep]
     onehot = F.one_hot(flat_labels[keep], num_classes).double()
-    dice = [(2 * (probs[:, c] * onehot[:, c]).sum() + 1) / (probs[:, c].sum() + onehot[:, c].sum() + 1)
+    dice = [(2 * (probs[:, c] * onehot[:, c]).sum() + 1) / (probs[:, c].sum() + onehot[:, c].sum() + 1 + 1e-8)
             for c in range(1, num_classes)]
     return ce + 1 - torch.stack(dice).mean()
 
@@ -83,5 +83,16 @@ def test_uniform_prediction_value():
     # all-zero logits on an all-background label: CE = log K, Dice of every foreground class = 1/(n/K + 1)
     logits = torch.zeros(1, 3, 2, 2, 2)
     labels = torch.zeros(1, 2, 2, 2, dtype=torch.long)
-    expected = math.log(3) + 1 - 1 / (8 / 3 + 1)
+    expected = math.log(3) + 1 - 1 / (8 / 3 + 1 + 1e-8)
     assert dice_ce(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32)])
+def test_losses_keep_full_precision_and_upcast_half(dtype, expected, batch):
+    logits, labels, mask = batch[0].to(dtype), batch[1], batch[2]
+    assert dice_ce(logits, labels).dtype == expected
+    for mode in ("reference", "exclude"):
+        assert balanced_dice_ce(logits, labels, mask, mode).dtype == expected
+    if dtype == torch.float64:  # no fp32 rounding anywhere: equals the float64 computation to ~1e-15
+        assert abs(dice_ce(logits, labels).item() - _reference_dice_ce(logits, labels).item()) < 1e-13

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-modes", action="store_true", help="add the `exclude` balanced-mask mode")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="configuration override for every run (repeatable)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained side by side, sharing the CPU cores or one GPU (default 1)")
+    p.add_argument("--csv", help="machine-readable results, one line per run (default OUT/ablation.csv)")
     p.set_defaults(func=_ablate)
 
 
@@ -47,10 +50,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _ablate(args: argparse.Namespace) -> int:
     from skcdf.ablate import plan_rows, run_ablation
+    from skcdf.utils import InputError
 
     rows = plan_rows(args.variants, ema_orders=args.ema_orders, decoders=args.decoders, mask_modes=args.mask_modes)
     try:
-        table = run_ablation(args.preset, args.data, args.out, rows, args.seeds, args.overrides)
+        if args.jobs < 1:
+            raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+        table = run_ablation(args.preset, args.data, args.out, rows, args.seeds, args.overrides,
+                             jobs=args.jobs, csv_path=args.csv)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume (finished runs are reused)", file=sys.stderr)
         return 130

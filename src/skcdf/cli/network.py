@@ -1,4 +1,4 @@
-"""`skcdf import-reference`: convert a reference-implementation checkpoint."""
+"""`skcdf import-reference`: convert a reference-implementation checkpoint; `skcdf export`: write an ONNX model."""
 
 from __future__ import annotations
 
@@ -16,6 +16,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="patch the reference model was trained with (default: 64 128 128)")
     p.add_argument("--num-heads", type=int, default=2, help="SKCM heads (default: 2)")
     p.set_defaults(func=_import_reference)
+
+    e = subparsers.add_parser(
+        "export", help="export a trained model's inference network to ONNX",
+        description="Write the network that `skcdf predict` runs (one decoder's main head) as an ONNX model at "
+                    "the training window shape with a dynamic batch, with the preprocessing (size, CT window, "
+                    "patch, classes) in its metadata; `skcdf predict MODEL.onnx ...` runs it with onnxruntime. "
+                    "Needs the extra skcdf[onnx].")
+    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                   help="run folder (best.pt, else last.pt), skcdf checkpoint, or reference best_model.pth")
+    e.add_argument("out", help="output .onnx file")
+    e.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
+                   help="decoder whose main head is exported (default: unlabeled, the paper's choice)")
+    e.set_defaults(func=_export)
 
 
 def _import_reference(args: argparse.Namespace) -> int:
@@ -35,4 +48,15 @@ def _import_reference(args: argparse.Namespace) -> int:
     })
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {model.num_classes} classes, {n:,} parameters, patch {tuple(args.patch_size)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from skcdf.checkpoint import load_model
+    from skcdf.export import export_onnx
+
+    model, preprocessing = load_model(args.checkpoint, device="cpu")
+    export_onnx(model, preprocessing, args.out, args.decoder)
+    print(f"wrote {args.out}: {args.decoder} decoder, window {tuple(preprocessing['patch_size'])}, "
+          f"{model.num_classes} classes, dynamic batch")
     return 0

@@ -14,14 +14,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment scans or a prepared data set with a trained model",
         description=(
             "Sliding-window prediction (SPEC §4). INPUT is a prepared data set (predicts one split, written on "
-            "the prepared grid), a scan file or a folder of scans (NIfTI, NRRD, MHA, ...; each written on its "
-            "own grid, with its spacing, origin and direction). Writes OUTPUT/<id>.nii.gz (uint8 labels). "
+            "the prepared grid), a scan file or a folder of scans (NIfTI, NRRD, MHA, ...), or a folder holding a "
+            "DICOM series; scans and series are written on their own grid, with their spacing, origin and "
+            "direction. Writes OUTPUT/<id>.nii.gz (uint8 labels), and with --dicom-seg OUTPUT/<id>.seg.dcm. "
             "Exit status 1 when some case failed."
         ),
     )
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
-                        help="run folder (best.pt, else last.pt), skcdf checkpoint, or reference best_model.pth")
-    parser.add_argument("input", metavar="INPUT", help="prepared data set, scan file, or folder of scans")
+                        help="run folder (best.pt, else last.pt), skcdf checkpoint, reference best_model.pth, "
+                             "or an .onnx model from `skcdf export` (run by onnxruntime on the CPU)")
+    parser.add_argument("input", metavar="INPUT",
+                        help="prepared data set, scan file, folder of scans, or folder holding a DICOM series")
     parser.add_argument("output", metavar="OUTPUT", help="output folder")
     parser.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
                         help="decoder whose main head predicts (default: unlabeled, the paper's choice)")
@@ -29,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", help="split of a prepared data set (default: test)")
     parser.add_argument("--original-space", action="store_true",
                         help="prepared data set: also write OUTPUT/original/<id>.nii.gz on the original scan's grid")
+    parser.add_argument("--series", metavar="UID", default=None,
+                        help="DICOM folder: the SeriesInstanceUID to predict (default: the series with the most slices)")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="DICOM series: also write OUTPUT/<id>.seg.dcm, a DICOM Segmentation referencing the series")
     parser.add_argument("--tta", action="store_true", help="average over the in-plane flips used in training (4x slower)")
     parser.add_argument("--gaussian", action="store_true", help="Gaussian window weighting instead of equal weights")
     parser.add_argument("--stride", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
@@ -39,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from skcdf.checkpoint import load_model
-    from skcdf.infer import InferenceSettings, predict_path
+    from skcdf.infer import InferenceSettings
+    from skcdf.segmenter import Segmenter
 
     defaults = InferenceSettings()
     settings = InferenceSettings(
@@ -51,8 +58,9 @@ def _predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         amp=not args.no_amp,
     )
-    model, preprocessing = load_model(args.checkpoint, device=_device(args.device))
-    summary = predict_path(model, args.input, args.output, preprocessing, settings, args.split, args.original_space)
+    segmenter = Segmenter.load(args.checkpoint, device=_device(args.device), settings=settings)
+    summary = segmenter.predict_to(args.input, args.output, split=args.split, original_space=args.original_space,
+                                   series_uid=args.series, dicom_seg=args.dicom_seg)
     print(f"wrote {len(summary.written)} file(s) to {args.output}")
     if summary.failures:
         print(f"{len(summary.failures)} case(s) failed:", file=sys.stderr)
@@ -62,12 +70,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str | None) -> str:
-    """The torch device to run on: ``name`` checked, or cuda when available, else cpu."""
+def _device(name: str | None) -> str | None:
+    """``--device`` checked; None lets the Segmenter choose (cuda when available, else cpu)."""
     import torch
 
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return None
     try:
         device = torch.device(name)
     except RuntimeError:

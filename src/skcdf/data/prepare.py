@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from skcdf.data.layout import Geometry, dataset_info, staged_output_dir, write_case, write_dataset_info, write_split
 from skcdf.data.parallel import map_cases
-from skcdf.data.preprocess import check_same_grid, read_image, read_label, resample_to_size
+from skcdf.data.preprocess import check_same_grid, read_label, read_scan, resample_to_size
 from skcdf.data.sources import CaseSource, find_cases
 from skcdf.data.splits import counts_from_fractions, make_splits, read_user_splits
 
@@ -74,10 +74,11 @@ def prepare_dataset(
             split_counts = raw.split_counts
         counts = split_counts or counts_from_fractions(len(labeled), split_fractions or raw.split_fractions)
         splits = make_splits(labeled, unlabeled_only, counts, percent, seed, source=str(src))
-    info = dataset_info(raw.name, raw.class_names, size, raw.window if window == "default" else window,
-                        raw.modality, raw.class_abbrevs)
+    window = raw.window if window == "default" else window
+    info = dataset_info(raw.name, raw.class_names, size, window, raw.modality, raw.class_abbrevs)
     with staged_output_dir(out, overwrite) as staging:
-        job = functools.partial(_prepare_case, out=staging, size=tuple(size), num_classes=len(raw.class_names))
+        job = functools.partial(_prepare_case, out=staging, size=tuple(size), num_classes=len(raw.class_names),
+                                expect_ct=window is not None)
         map_cases(job, raw.cases, workers, desc="prepare")
         for name, ids in splits.items():
             write_split(staging, name, ids)
@@ -85,9 +86,11 @@ def prepare_dataset(
     return out
 
 
-def _prepare_case(case: CaseSource, out: Path, size: tuple[int, int, int], num_classes: int) -> None:
-    """Read and check one case, resample it to ``size`` and write it into ``out``."""
-    image = read_image(case.image)
+def _prepare_case(case: CaseSource, out: Path, size: tuple[int, int, int], num_classes: int,
+                  expect_ct: bool) -> None:
+    """Read and check one case (an image file or a DICOM series folder, which must be CT when
+    ``expect_ct``), resample it to ``size`` and write it into ``out``."""
+    image = read_scan(case.image, expect_ct)
     label = None
     if case.label is not None:
         label = read_label(case.label, num_classes)

@@ -47,6 +47,23 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     return image
 
 
+def read_scan(path: str | os.PathLike, expect_ct: bool = False, series_uid: str | None = None) -> sitk.Image:
+    """A scan from an image file (:func:`read_image`) or from a folder holding a DICOM series
+    (:func:`skcdf.dicom.read_series`: the series with the most slices, or ``series_uid``).
+
+    Args:
+        expect_ct: DICOM only: refuse a series whose modality is not CT.
+
+    Raises:
+        InputError: naming the file or folder, see the two readers.
+    """
+    if Path(path).is_dir():
+        from skcdf.dicom import read_series
+
+        return read_series(path, series_uid, expect_ct)[0]
+    return read_image(path)
+
+
 def read_label(path: str | os.PathLike, num_classes: int) -> sitk.Image:
     """Read a label map and check its values are integers in 0..num_classes-1; returned as UInt8.
 

@@ -62,6 +62,15 @@ def strip_suffix(name: str) -> str:
     return name[: -len(suffix)]
 
 
+def _nifti_images(folder: Path) -> list[tuple[str, Path]]:
+    """(stem, path) of the images directly in ``folder``, sorted: volume files, and subfolders (not
+    hidden), each taken to hold one case's DICOM series."""
+    images = [(strip_suffix(p.name), p) for p in volume_files(folder)]
+    if folder.is_dir():
+        images += [(p.name, p) for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(images)
+
+
 def _find_by_stem(folder: Path, stem: str) -> Path | None:
     return next((p for p in volume_files(folder) if strip_suffix(p.name) == stem), None)
 
@@ -121,6 +130,9 @@ def find_nifti(src: str | Path, num_classes: int | None = None) -> RawDataset:
     """A generic nnU-Net-style folder: ``imagesTr/<case>_0000.<ext>``, ``labelsTr/<case>.<ext>``,
     ``imagesTs/`` (and ``labelsTs/`` if any), ``dataset.json`` with label names and modality.
 
+    In place of an image file, ``imagesTr/<case>/`` (or ``<case>_0000/``) may be a folder holding the
+    case's DICOM series; it is read (and checked) when the case is prepared.
+
     Only channel ``_0000`` is used. Class names come from dataset.json's ``labels`` (nnU-Net v1
     ``{"0": "background"}`` or v2 ``{"background": 0}``), else ``num_classes`` generic names.
     The CT window is used when dataset.json names the modality CT or names none.
@@ -131,8 +143,7 @@ def find_nifti(src: str | Path, num_classes: int | None = None) -> RawDataset:
     src = Path(src)
     cases, other_channels = [], 0
     for tag in ("Tr", "Ts"):
-        for image in volume_files(src / f"images{tag}"):
-            stem = strip_suffix(image.name)
+        for stem, image in _nifti_images(src / f"images{tag}"):
             channel = re.search(r"_(\d{4})$", stem)
             if channel and channel.group(1) != "0000":
                 other_channels += 1

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "lambda_u": 10.0,
     "rampup_epochs": None,  # null: the whole run (T = epochs)
     "balance_mode": "reference",
+    "pseudo_label_threshold": None,  # null: every voxel's argmax is a target (reference)
     "class_frequency": "labeled",
     "inference_decoder": "unlabeled",
     # network
@@ -224,6 +225,11 @@ def resolve_config(config: dict[str, Any], source: str = "configuration") -> dic
     if ({"Hl", "Hu"} & set(steps)) and not config["aux_heads"]:
         raise _fail(source, "ema_order", "uses a head step (Hl/Hu), which needs aux_heads: true", config["ema_order"])
 
+    threshold = config["pseudo_label_threshold"]
+    if threshold is not None:
+        threshold = config["pseudo_label_threshold"] = _as_float(config, "pseudo_label_threshold", source)
+        if not 0.0 < threshold < 1.0:
+            raise _fail(source, "pseudo_label_threshold", "must be null or lie in (0, 1)", threshold)
     if config["balance_mode"] not in BALANCE_MODES:
         raise _fail(source, "balance_mode", f"must be one of {', '.join(BALANCE_MODES)}", config["balance_mode"])
     frequency = config["class_frequency"]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 BALANCE_MODES = ("reference", "exclude")
 _SMOOTH = 1.0
+_EPSILON = 1e-8  # the reference's extra term in the Dice denominator
 
 
 def _class_sums(probs: Tensor, labels: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -36,21 +37,23 @@ def _class_sums(probs: Tensor, labels: Tensor, weight: Tensor | None) -> tuple[T
 
 
 def _dice_ce(logits: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
-    logits = logits.float()  # losses in fp32 also under autocast
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # losses in fp32 under autocast; fp32 and fp64 inputs keep their precision
     ce_per_voxel = F.cross_entropy(logits, labels, reduction="none")
     if weight is None:
         ce = ce_per_voxel.mean()
     else:
         ce = (ce_per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
     intersection, predicted, label_count = _class_sums(logits.softmax(1), labels, weight)
-    dice = (2 * intersection + _SMOOTH) / (predicted + label_count + _SMOOTH)
+    dice = (2 * intersection + _SMOOTH) / (predicted + label_count + _SMOOTH + _EPSILON)
     return ce + 1.0 - dice[1:].mean()
 
 
 def dice_ce(logits: Tensor, labels: Tensor) -> Tensor:
     """Reference DiceCE: CE (mean over voxels) + 1 − mean foreground batch soft Dice (smooth 1).
 
-    logits (b,K,D,H,W) any float dtype; labels (b,D,H,W) int64 in [0, K). Returns a 0-d fp32 tensor.
+    logits (b,K,D,H,W) any float dtype; labels (b,D,H,W) int64 in [0, K). Returns a 0-d tensor in
+    the logits' precision (fp32 for half-precision logits).
     """
     return _dice_ce(logits, labels, None)
 
@@ -67,5 +70,5 @@ def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "
     if mode == "reference":
         return _dice_ce(logits * mask.unsqueeze(1).to(logits.dtype), labels * mask.to(labels.dtype), None)
     if mode == "exclude":
-        return _dice_ce(logits, labels, mask.float())
+        return _dice_ce(logits, labels, mask.to(torch.float64 if logits.dtype == torch.float64 else torch.float32))
     raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")

@@ -42,6 +42,16 @@ class TwoFlowForward(nn.Module):
         return labeled_main, labeled_aux, unlabeled_main, unlabeled_aux
 
 
+def pseudo_labels_of(logits: Tensor, threshold: float | None) -> tuple[Tensor, Tensor | None]:
+    """Hard pseudo-labels of detached logits (b,K,D,H,W): argmax (b,D,H,W) int64, and with a threshold
+    the mask (b,D,H,W) bool of the voxels whose top softmax probability reaches it (else None)."""
+    logits = logits.detach()
+    if threshold is None:
+        return logits.argmax(1), None
+    confidence, labels = logits.float().softmax(1).max(1)
+    return labels, confidence >= threshold
+
+
 def semi_supervised_loss(
     forward: nn.Module,
     x_labeled: Tensor,
@@ -52,27 +62,36 @@ def semi_supervised_loss(
     keep_labeled: Tensor,
     keep_unlabeled: Tensor,
     balance_mode: str = "reference",
+    pseudo_label_threshold: float | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """L = L_sup + λ·L_unsup of SPEC §2.
 
     forward: a TwoFlowForward (possibly wrapped by DDP / torch.compile).
     x_labeled (B_l,1,D,H,W) float; y_labeled (B_l,D,H,W) int64; x_unlabeled (B_u,1,D,H,W) float.
     unsup_weight: λ(t). keep_labeled / keep_unlabeled (K,): the balanced-mask probabilities p and q(epoch).
+    pseudo_label_threshold: None (reference: every voxel's argmax is a target) or τ in (0, 1): only
+      voxels whose pseudo-label has softmax probability ≥ τ enter the unsupervised terms (left out of
+      the CE mean and the Dice sums, as balance mode "exclude" does with its mask).
     Returns (loss 0-d with graph, terms (4,) detached, see LOSS_TERMS,
     pseudo-labels {"main": (B_u,D,H,W) int64, and "aux" with aux heads}).
     """
     batch_labeled = x_labeled.shape[0]
     labeled_main, labeled_aux, unlabeled_main, unlabeled_aux = forward(x_labeled, x_unlabeled)
-    pseudo_label = labeled_main[batch_labeled:].detach().argmax(1)
+    pseudo_label, confident = pseudo_labels_of(labeled_main[batch_labeled:], pseudo_label_threshold)
     sup_main = dice_ce(labeled_main[:batch_labeled], y_labeled)
-    unsup_main = dice_ce(unlabeled_main, pseudo_label)
+    if confident is None:
+        unsup_main = dice_ce(unlabeled_main, pseudo_label)
+    else:
+        unsup_main = balanced_dice_ce(unlabeled_main, pseudo_label, confident, "exclude")
     pseudo_labels = {"main": pseudo_label}
     if labeled_aux is None:
         sup_bal = unsup_bal = torch.zeros((), device=sup_main.device)
     else:
-        pseudo_label_aux = labeled_aux[batch_labeled:].detach().argmax(1)
+        pseudo_label_aux, confident_aux = pseudo_labels_of(labeled_aux[batch_labeled:], pseudo_label_threshold)
         mask_labeled = sample_balance_mask(keep_labeled, y_labeled)
         mask_unlabeled = sample_balance_mask(keep_unlabeled, pseudo_label_aux)
+        if confident_aux is not None:
+            mask_unlabeled = mask_unlabeled & confident_aux
         sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode)
         unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode)
         pseudo_labels["aux"] = pseudo_label_aux

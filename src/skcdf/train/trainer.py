@@ -521,7 +521,7 @@ def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
                 loss, terms, pseudo_labels = semi_supervised_loss(
                     run.step_module, x_labeled, y_labeled, _to_device(run, unlabeled["image"]),
                     unsup_weight=unsup_weight, keep_labeled=run.keep_labeled, keep_unlabeled=keep_unlabeled,
-                    balance_mode=config["balance_mode"])
+                    balance_mode=config["balance_mode"], pseudo_label_threshold=config["pseudo_label_threshold"])
                 true_label = _to_device(run, unlabeled["label"]) if run.unlabeled_has_labels else None
                 run.pseudo_monitor.update(pseudo_labels, true_label)
             else:
