@@ -54,8 +54,7 @@ def test_a_failed_write_is_raised_by_the_next_save_or_wait(tmp_path):
 def test_the_exception_of_the_block_wins_over_a_write_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(KeyboardInterrupt) as caught:
-        with CheckpointWriter() as writer:
-            writer.save({"epoch": 1}, [blocker / "last.pt"])
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as caught, CheckpointWriter() as writer:
+        writer.save({"epoch": 1}, [blocker / "last.pt"])
+        raise KeyboardInterrupt
     assert "writing a checkpoint failed too" in caught.value.__notes__[0]

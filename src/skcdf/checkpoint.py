@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import threading
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Sequence
 
 import torch
@@ -77,7 +78,7 @@ class CheckpointWriter:
             self._error = exc
 
     def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        """Block until the write in flight (if any) has finished; raise its error if it failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -88,7 +89,8 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         """Finish the last write. When the block already fails, its exception wins; a write error becomes a note."""
         if exc is None:
             self.wait()

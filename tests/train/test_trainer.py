@@ -111,6 +111,24 @@ def test_each_stream_draws_batches_of_its_own_size(tiny_phantom):
                                                                                      f"{stream}_workers"}
 
 
+def test_checkpoints_are_written_off_the_training_thread(tiny_phantom, tmp_path, monkeypatch):
+    import threading
+
+    writers = []
+    real_save = torch.save
+
+    def recording_save(obj, path):
+        writers.append(threading.current_thread().name)
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", recording_save)
+    run = tmp_path / "run"
+    train(tiny_config(), tiny_phantom, run)
+    assert writers and set(writers) == {"skcdf-checkpoint-writer"}  # best.pt and last.pt, each epoch
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2  # finished before train() returned
+    assert "1 process(es) on cpu (fp32)" in (run / "train.log").read_text()  # amp/channels_last auto: off on CPU
+
+
 def test_same_seed_same_run_other_seed_other_run(reference_run, tiny_phantom, tmp_path):
     again = train(tiny_config(), tiny_phantom, tmp_path / "again").state_dict()
     _assert_same_state(load_checkpoint(reference_run / "last.pt")["model"], again)

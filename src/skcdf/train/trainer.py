@@ -636,7 +636,7 @@ def train(config: dict[str, Any], data_dir: str | os.PathLike, out_dir: str | os
         _log_start(run)
         progress = tqdm(total=epochs * run.iterations_per_epoch, initial=run.iteration, desc="train",
                         disable=not procs.main, dynamic_ncols=True)
-        with run.checkpoints:  # the last write is on disk before train() returns or raises
+        with run.checkpoints:  # the last write has finished before train() returns or raises
             for epoch in range(run.start_epoch, epochs):
                 row = _train_epoch(run, epoch, progress)
                 _end_of_epoch(run, row)
@@ -690,7 +690,7 @@ def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
         return
     iteration = min(i for i in bad if i >= 0)
     term = LOSS_TERMS[bad.index(iteration)]
-    run.checkpoints.wait()  # the last good checkpoint may still be on its way to disk
+    run.checkpoints.wait()  # the last good checkpoint may still be being written
     kept = run.out / "last.pt"
     raise TrainingDiverged(f"loss term {term} is NaN or infinite at iteration {iteration}; training stopped. "
                            + (f"The last good checkpoint is {kept}." if kept.exists() else "No checkpoint was written."))
