@@ -2,6 +2,7 @@
 
 import csv
 import math
+import threading
 
 import pytest
 import torch
@@ -112,8 +113,6 @@ def test_each_stream_draws_batches_of_its_own_size(tiny_phantom):
 
 
 def test_checkpoints_are_written_off_the_training_thread(tiny_phantom, tmp_path, monkeypatch):
-    import threading
-
     writers = []
     real_save = torch.save
 
