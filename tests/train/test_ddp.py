@@ -24,13 +24,13 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, results: str,
     torch.set_num_threads(1)
     from skcdf.train import trainer
 
-    passes = []  # per sampler pass: (cases in the stream, the indices this rank drew)
+    passes = []  # per sampler pass: (cases in the stream, the case indices this rank drew)
     real_iter = trainer.ShardedRandomSampler.__iter__
 
     def recording_iter(sampler):
-        indices = list(real_iter(sampler))
-        passes.append((sampler.size, indices))
-        return iter(indices)
+        drawn = list(real_iter(sampler))  # (case index, augmentation seed) pairs
+        passes.append((sampler.size, [index for index, _ in drawn]))
+        return iter(drawn)
 
     trainer.ShardedRandomSampler.__iter__ = recording_iter
     # 2 labeled / 3 unlabeled cases; one unlabeled volume per rank and step

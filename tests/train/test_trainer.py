@@ -128,6 +128,12 @@ def test_checkpoints_are_written_off_the_training_thread(tiny_phantom, tmp_path,
     assert "1 process(es) on cpu (fp32)" in (run / "train.log").read_text()  # amp/channels_last auto: off on CPU
 
 
+def test_data_loader_workers_do_not_change_the_run(reference_run, tiny_phantom, tmp_path):
+    # augmentation seeds come with the sampled cases, so worker processes (persistent) load the same batches
+    with_workers = train(tiny_config(num_workers=2), tiny_phantom, tmp_path / "workers").state_dict()
+    _assert_same_state(load_checkpoint(reference_run / "last.pt")["model"], with_workers)
+
+
 def test_same_seed_same_run_other_seed_other_run(reference_run, tiny_phantom, tmp_path):
     again = train(tiny_config(), tiny_phantom, tmp_path / "again").state_dict()
     _assert_same_state(load_checkpoint(reference_run / "last.pt")["model"], again)

@@ -131,10 +131,18 @@ class PatchDataset(_CaseVolumes):
         super().__init__(root, case_ids, patch_size, with_labels=with_labels, window=window, cache=cache)
         self.flips = flips
 
-    def __getitem__(self, index: int) -> dict:
-        starts = [int(torch.randint(0, max(size - patch, 0) + 1, ()))
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Item ``index``, its crop and flips drawn from torch's global generator; or, for an
+        ``(index, seed)`` pair, from a generator seeded with ``seed``: then the item is the same in
+        whichever process loads it (the trainer's samplers yield such pairs)."""
+        generator = None
+        if isinstance(index, tuple):
+            index, seed = index
+            generator = torch.Generator().manual_seed(seed)
+        starts = [int(torch.randint(0, max(size - patch, 0) + 1, (), generator=generator))
                   for size, patch in zip(self.volume_shape(index), self.patch_size)]
-        flip_axes = [axis for axis, flip in zip((1, 2), torch.rand(2) < 0.5) if flip] if self.flips else []
+        flip_axes = ([axis for axis, flip in zip((1, 2), torch.rand(2, generator=generator) < 0.5) if flip]
+                     if self.flips else [])
         return self._patch(index, starts, flip_axes)
 
 

@@ -4,9 +4,10 @@
 folder: config.yaml, last.pt, best.pt, metrics.csv, train.log and tb/ (TensorBoard).
 
 Reproducibility: the global RNGs are seeded once (seed + rank); each data stream (labeled,
-unlabeled) has its own torch.Generator that drives both its shuffling and its workers' seeds. All of
-them are checkpointed at epoch boundaries, and every epoch starts fresh data iterators, so a resumed
-run continues exactly where the interrupted one was (bit for bit on CPU).
+unlabeled) has its own torch.Generator that draws both its order and a seed per item for the crop
+and flips, so batches do not depend on the DataLoader workers (which persist across passes) or
+their number. All of them are checkpointed at epoch boundaries, and every epoch starts fresh data
+iterators, so a resumed run continues exactly where the interrupted one was (bit for bit on CPU).
 
 Multi-GPU: under ``torchrun`` each process trains on its shard of both streams with
 DistributedDataParallel (a labeled split too small to shard is drawn whole by every rank, each in
@@ -110,12 +111,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 # ----------------------------------------------------------------------------- data
 
-class ShardedRandomSampler(Sampler[int]):
-    """A fresh random permutation per pass, this rank's share of it (DistributedSampler's scheme).
+class ShardedRandomSampler(Sampler[tuple[int, int]]):
+    """A fresh random permutation per pass, this rank's share of it (DistributedSampler's scheme),
+    each case with a seed for its crop and flips: (case index, augmentation seed) pairs.
 
     Driven by ``generator``, which every rank seeds identically so that the shards are disjoint (or,
     with world = 1, each rank seeds its own to draw from every case), and which is checkpointed so
-    that a resumed run draws the same permutations.
+    that a resumed run draws the same permutations and seeds. Seeding the augmentation here rather
+    than in the DataLoader workers makes every batch independent of the workers: they can persist
+    across passes, and ``num_workers`` does not change the run.
     """
 
     def __init__(self, size: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> None:
@@ -124,13 +128,15 @@ class ShardedRandomSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size // self.world
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.size, generator=self.generator)
-        return iter(order[self.rank: len(self) * self.world: self.world].tolist())
+        seeds = torch.randint(2**62, (self.size,), generator=self.generator)
+        mine = slice(self.rank, len(self) * self.world, self.world)
+        return zip(order[mine].tolist(), seeds[mine].tolist())
 
 
 def _stream_seed(seed: int, stream: str, rank: int | None = None) -> int:
-    """A well-mixed 63-bit seed for one data stream (and rank, for its workers' augmentation)."""
+    """A well-mixed 63-bit seed for one data stream (and rank, for its DataLoader workers)."""
     keys = [seed, {"labeled": 1, "unlabeled": 2}[stream]] + ([] if rank is None else [rank + 1])
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> 1)
 
@@ -161,11 +167,15 @@ def _make_stream(root: Path, cases: list[str], config: dict, window: Any, with_l
     else:
         order = torch.Generator().manual_seed(_stream_seed(config["seed"], stream))
         sampler = ShardedRandomSampler(len(cases), order, procs.rank, procs.world)
+    # the DataLoader's own seed draws (its workers' base seed) come from here, not from the global generator
     workers = torch.Generator().manual_seed(_stream_seed(config["seed"], stream, procs.rank))
     dataset = PatchDataset(root, cases, tuple(config["patch_size"]), with_labels=with_labels,
                            window=window, flips=True)
+    # persistent workers: starting them anew for every pass (4 per epoch for 4 labeled cases at 2 per
+    # step) cost more than loading the batches (measured, docs/performance.md)
     loader = DataLoader(dataset, batch_size=batch, drop_last=True, num_workers=config["num_workers"],
-                        sampler=sampler, generator=workers, pin_memory=pin_memory)
+                        persistent_workers=config["num_workers"] > 0, sampler=sampler, generator=workers,
+                        pin_memory=pin_memory)
     return loader, {f"{stream}_order": order, f"{stream}_workers": workers}
 
 
