@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one-GPU check of issue 10: training step, prediction, and a real `skcdf train synapse_20p` on a
-# paper-size phantom, in one go, with one markdown table at the end (docs/performance.md says where
+# The one-GPU check of issue 10: training step, prediction, the data streams, and a real
+# `skcdf train synapse_20p` on a paper-size phantom, in one go, with one markdown table at the end (docs/performance.md says where
 # its figures go). A time budget (default 480 s) keeps it within 8 minutes: measurements that would
 # start after it are reported as skipped.
 #
@@ -30,12 +30,14 @@ if $toy; then
   shape=(32 48 48)
   epochs=3
   train_settings=(device=cpu patch_size=[32,32,32] filters=4 num_workers=0 iterations_per_epoch=2)
+  data_args=(--patch 32 32 32 --epochs 2)
   predict_args=(--quick --device cpu --repeats 1)
   step_args=(--configs toy --devices cpu --variants fp32 bf16_cl --repeats 2)
 else
   shape=(80 160 160)
   epochs=${GPU_CHECK_EPOCHS:-21}
   train_settings=()  # the preset as it is; amp and channels_last are auto: bf16 + channels_last_3d on CUDA
+  data_args=(--epochs 5)
   predict_args=(--device cuda --repeats 5)
   step_args=(--configs paper phantom --devices cuda --variants fp32 bf16 bf16_cl compiled graphed
     --repeats 15 --timeout 150)
@@ -59,6 +61,10 @@ if timeout $((deadline - $(date +%s))) "$python" -m skcdf train synapse_20p --da
 else
   failed train "skcdf train failed or ran past the time budget (exit status $?)"
 fi
+
+echo "== benchmarks/data_epoch.py: the data side of an epoch, num_workers 0 and 2"
+"$python" "$here/data_epoch.py" "$work/phantom" --workers 0 2 "${data_args[@]}" --jsonl "$results" ||
+  failed data "data_epoch.py failed (see above)"
 
 echo "== benchmarks/predict.py"
 "$python" "$here/predict.py" "${predict_args[@]}" --jsonl "$results" || failed predict "predict.py failed (see above)"

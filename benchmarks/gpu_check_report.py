@@ -57,7 +57,7 @@ def train_row(run: Path, data: Path, wall_seconds: float, full_epochs: int) -> d
 
 
 def table(results: Path) -> str:
-    """One markdown table of every result line (step, predict, train), in the order they were measured."""
+    """One markdown table of every result line (train, data, predict, step), in the order they were measured."""
     lines = ["| measurement | size / setting | device | variant | result | peak MiB | check |",
              "|---|---|---|---|---|---|---|"]
     for text in results.read_text().splitlines():
@@ -76,6 +76,10 @@ def table(results: Path) -> str:
                     check += f"; {row['note']}"
             lines.append(f"| train step ({row['implementation']}) | {setting} | {row['device']} | {row['variant']} "
                          f"| {result} | {peak} | {check} |")
+        elif kind == "data":
+            patch = "×".join(map(str, row["patch"]))
+            lines.append(f"| data streams, one synapse_20p epoch | patch {patch} | host | num_workers={row['num_workers']} "
+                         f"| {row['median_ms']:.0f} ms / epoch (median of {row['epochs']}) | | |")
         elif kind == "predict":
             volume = "×".join(map(str, row["volume"]))
             lines.append(f"| predict_volume | {volume}, batch {row['batch']} | {row['device']} | default (bf16 on CUDA) "

@@ -46,6 +46,9 @@ def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
     assert "failed" not in table and "skipped" not in table, table
     assert re.search(r"\| skcdf train synapse_20p \(3 epochs\) \| phantom 32×48×48 \| \| fp32 \| \d+\.\d\d s / epoch, \d+ s one-off; 1500 epochs ≈ "
                      r"\d+\.\d min \| \| last val Dice \d+\.\d\d \|", table), table
+    for workers in (0, 2):
+        assert re.search(rf"\| data streams, one synapse_20p epoch \| patch 32×32×32 \| host \| num_workers={workers} "
+                         r"\| \d+ ms / epoch", table), table
     assert re.search(r"\| predict_volume \| 40×80×80, batch 4 \| cpu \| .* \| \d+\.\d\d s / volume", table), table
     for variant in ("fp32", "bf16_cl"):
         assert re.search(rf"\| train step \(skcdf\) \| toy 2\+2 \| cpu \| {variant} \| \d+\.\d ms / iteration", table), table
