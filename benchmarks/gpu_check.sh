@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one-GPU check of issue 10: training step, prediction, the data streams, and a real
-# `skcdf train synapse_20p` on a paper-size phantom, in one go, with one markdown table at the end (docs/performance.md says where
-# its figures go). A time budget (default 480 s) keeps it within 8 minutes: measurements that would
-# start after it are reported as skipped.
+# The one-GPU check of issue 10: a real `skcdf train synapse_20p` on a paper-size phantom, the data
+# streams, prediction and the training step, in one go, with one markdown table at the end
+# (docs/performance.md says where its figures go). A time budget (default 480 s) keeps it within 8
+# minutes: step measurements that would start after it are reported as skipped.
 #
 #   bash benchmarks/gpu_check.sh [--toy] [WORKDIR]
 #
