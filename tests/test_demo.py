@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import skcdf.demo as demo
 from skcdf.data.phantom import generate_phantom
@@ -11,14 +12,23 @@ from skcdf.data.phantom import generate_phantom
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
     # A small phantom in place of the default one: the demo reuses the data folder it finds.
-    generate_phantom(out / "data", cases=15, shape=(32, 64, 64), labeled_percent=20, workers=1)
+    generate_phantom(out / "data", cases=15, shape=(32, 48, 48), labeled_percent=20, workers=1)
     report = demo.run_demo(out, minutes=0.01, device="cpu")  # one epoch
 
     text = report.read_text()
-    for link in ("overlay.png", "curves.png", "eval/per_case.csv"):
+    for link in ("overlay.png", "curves.png", "curves-labeled-only.png", "eval/per_case.csv",
+                 "eval-labeled-only/per_case.csv"):
         assert f"({link})" in text and (out / link).is_file()
-    assert "| SKCDF (phantom) |" in text and "skcdf predict" in text
-    for png in ("overlay.png", "curves.png"):
+    assert "| SKCDF (phantom) |" in text and "| Labeled only (phantom) |" in text and "skcdf predict" in text
+    # the report compares the two runs at the same budget, with the numbers of their evaluations
+    dice = {name: json.loads((out / name / "summary.json").read_text())["average"]["dice"]
+            for name in ("eval", "eval-labeled-only")}
+    assert f"SKCDF's mean Dice is {dice['eval']:.2f} %" in text
+    assert f"labeled-only's {dice['eval-labeled-only']:.2f} %" in text
+    for run in ("run", "run-labeled-only"):  # both trained for the same number of iterations
+        with open(out / run / "metrics.csv", newline="") as f:
+            assert f"each for {list(csv.DictReader(f))[-1]['iteration']} iterations" in text
+    for png in ("overlay.png", "curves.png", "curves-labeled-only.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "eval" / "per_case.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -26,10 +36,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert len(rows) == len(test_cases) * 13  # one row per test case and organ
 
     # Running it again reuses the data and the finished run: no checkpoint is rewritten.
-    checkpoint = out / "run" / "last.pt"
-    written = checkpoint.stat().st_mtime_ns
+    checkpoints = [out / "run" / "last.pt", out / "run-labeled-only" / "last.pt"]
+    written = [checkpoint.stat().st_mtime_ns for checkpoint in checkpoints]
     assert demo.run_demo(out, minutes=0.01, device="cpu") == report
-    assert checkpoint.stat().st_mtime_ns == written
+    assert [checkpoint.stat().st_mtime_ns for checkpoint in checkpoints] == written
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, monkeypatch, capsys):

@@ -72,7 +72,7 @@ def _train_in_process(preset: str, settings: list[str], data: str, run: str, thr
     train(load_config(preset, settings), data, run, resume=(Path(run) / "config.yaml").is_file())
 
 
-def _train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) -> None:
+def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) -> None:
     """Train (or finish) every run of ``todo`` (run folder -> settings): in this process one after the
     other, or ``jobs`` at a time in worker processes that share the CPU cores (or one GPU)."""
     from skcdf.train.config import load_config
@@ -128,10 +128,10 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
         for row, seed in pending:
             run = out / row.run_name / f"seed{seed}"
             if run in todo:
-                _train_runs(preset, data, {run: todo.pop(run)}, 1)
+                train_runs(preset, data, {run: todo.pop(run)}, 1)
             _evaluate(row, seed, run, data, evaluations[row.run_name, row.decoder, seed])
     else:
-        _train_runs(preset, data, todo, jobs)
+        train_runs(preset, data, todo, jobs)
         for row, seed in pending:
             _evaluate(row, seed, out / row.run_name / f"seed{seed}", data, evaluations[row.run_name, row.decoder, seed])
 

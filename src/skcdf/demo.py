@@ -1,8 +1,8 @@
 """`skcdf demo`: the whole job on the built-in phantom, on a CPU, in about ten minutes.
 
-phantom → train SKCDF (`phantom` preset) → predict the held-out test cases → evaluate →
-a per-class table in the paper's layout, an overlay PNG, training curves, and ``report.md`` linking
-them. Every stage reuses what an earlier, interrupted demo in the same folder left, so running the
+phantom → train SKCDF and, beside it, the labeled-only VNet (`phantom_tiny` preset, same budget) →
+predict the held-out test cases → evaluate → a per-class table of both in the paper's layout, an
+overlay PNG, training curves, and ``report.md`` linking them. Every stage reuses what an earlier, interrupted demo in the same folder left, so running the
 same command again resumes.
 """
 
@@ -15,7 +15,10 @@ from pathlib import Path
 
 from skcdf.utils import atomic_write_text
 
-#: Minutes of training the `phantom` preset's epoch count was sized for (2 CPU cores, see README).
+#: The demo's training configuration (a preset) and the phantom it is sized for.
+PRESET = "phantom_tiny"
+PHANTOM_SHAPE = (32, 48, 48)
+#: Minutes of training the preset's epoch count was sized for (2 CPU cores, see README).
 PRESET_MINUTES = 7.0
 
 
@@ -28,57 +31,67 @@ def _scaled_epochs(preset_epochs: int, minutes: float) -> int:
     return max(1, round(preset_epochs * minutes / PRESET_MINUTES))
 
 
+#: The demo's two runs: the method, and the same network trained on the labeled cases alone.
+VARIANTS = {"full": ("SKCDF (phantom)", "run", "eval"),
+            "labeled_only": ("Labeled only (phantom)", "run-labeled-only", "eval-labeled-only")}
+
+
 def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed: int = 0,
              device: str = "auto") -> Path:
     """Run the demo into ``out`` and return the path of its ``report.md``.
 
+    SKCDF and the labeled-only VNet train side by side for the same number of iterations (each on
+    one CPU core, or together on one GPU), then both predict and are evaluated on the test cases.
     ``minutes`` scales the training budget (the number of epochs; the time per epoch is the
-    machine's). ``seed`` seeds the phantom and the training run.
+    machine's). ``seed`` seeds the phantom and the training runs.
     """
+    from skcdf.ablate import train_runs
     from skcdf.checkpoint import load_model
     from skcdf.data.layout import load_image, load_label, read_dataset_info, read_split
     from skcdf.data.phantom import generate_phantom
     from skcdf.infer import predict_dataset
     from skcdf.metrics import evaluate_folders, read_label_file
     from skcdf.train.config import load_config
-    from skcdf.train.trainer import train
     from skcdf.viz import overlay_png, plot_curves
 
     out = Path(out)
-    data, run, predictions, evaluation = out / "data", out / "run", out / "predictions", out / "eval"
+    data = out / "data"
     started = time.monotonic()
 
     if (data / "dataset.json").is_file():
         _log(f"1/5 phantom: reusing {data}")
     else:
         _log(f"1/5 phantom: generating a class-imbalanced abdominal CT phantom into {data}")
-        generate_phantom(data, seed=seed)
+        generate_phantom(data, seed=seed, shape=PHANTOM_SHAPE)
 
-    config = load_config("phantom", [f"seed={seed}", f"device={device}"])
-    config["epochs"] = _scaled_epochs(config["epochs"], minutes)
-    resume = (run / "config.yaml").is_file()  # the trainer does nothing more for a finished run
-    _log(f"2/5 train: SKCDF for {config['epochs']} epochs (about {minutes:g} min on 2 CPU cores)"
-         + (f", resuming the run in {run}" if resume else f" into {run}"))
-    train(config, data, run, resume=resume)
+    epochs = _scaled_epochs(load_config(PRESET)["epochs"], minutes)
+    settings = [f"seed={seed}", f"device={device}", f"epochs={epochs}"]
+    todo = {out / folder: [*settings, f"variant={variant}"] for variant, (_, folder, _) in VARIANTS.items()}
+    _log(f"2/5 train: SKCDF and, beside it, the labeled-only VNet, {epochs} epochs each "
+         f"(about {minutes:g} min on 2 CPU cores) into {', '.join(str(run) for run in todo)}")
+    train_runs(PRESET, data, todo, jobs=len(todo) if _cores() >= len(todo) or device != "cpu" else 1)
 
-    _log("3/5 predict: sliding window over the test cases")
-    model, preprocessing = load_model(run)
-    summary = predict_dataset(model, data, predictions, preprocessing, split="test")
-    if summary.failures:
-        raise RuntimeError(f"prediction failed for {len(summary.failures)} case(s): {summary.failures}")
-
-    _log("4/5 evaluate: Dice and ASD per class")
-    evaluate_folders(predictions, data, evaluation, split="test", name="SKCDF (phantom)")
+    _log("3/5 predict and 4/5 evaluate: sliding window over the test cases, Dice and ASD per class")
+    for variant, (title, folder, evaluation) in VARIANTS.items():
+        model, preprocessing = load_model(out / folder)
+        predictions = out / folder.replace("run", "predictions")
+        summary = predict_dataset(model, data, predictions, preprocessing, split="test")
+        if summary.failures:
+            raise RuntimeError(f"prediction failed for {len(summary.failures)} case(s): {summary.failures}")
+        evaluate_folders(predictions, data, out / evaluation, split="test", name=title)
 
     _log("5/5 pictures and report")
+    run = out / "run"
     case = read_split(data, "test")[0]
-    prediction, _ = read_label_file(predictions / f"{case}.nii.gz", model.num_classes)
+    prediction, _ = read_label_file(out / "predictions" / f"{case}.nii.gz", model.num_classes)
     overlay_png(load_image(data, case), load_label(data, case), prediction, out / "overlay.png",
                 class_abbrevs=read_dataset_info(data)["class_abbrevs"], window=preprocessing["window"])
     plot_curves(run / "metrics.csv", out / "curves.png")
+    plot_curves(out / "run-labeled-only" / "metrics.csv", out / "curves-labeled-only.png")
     report = out / "report.md"
-    atomic_write_text(report, _report_text(out, run, data, case, time.monotonic() - started))
-    print((evaluation / "table.md").read_text())
+    text, table = _report_text(out, run, data, case, time.monotonic() - started)
+    atomic_write_text(report, text)
+    print(table)
     _log(f"overlay: {out / 'overlay.png'}   curves: {out / 'curves.png'}")
     _log(f"trained model: {run / 'best.pt'} — predict a scan with:\n"
          f"  skcdf predict {_shell_word(run)} path/to/scan.nii.gz {_shell_word(out / 'my_scan')}")
@@ -86,24 +99,61 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     return report
 
 
-def _report_text(out: Path, run: Path, data: Path, case: str, seconds: float) -> str:
-    table = (out / "eval" / "table.md").read_text()
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _comparison(out: Path) -> tuple[str, str]:
+    """The two runs' table, and a sentence comparing SKCDF with labeled-only at the same budget."""
+    from skcdf.report import aggregate, load_summary, render_table
+
+    summaries = {variant: load_summary(out / evaluation / "summary.json")
+                 for variant, (_, _, evaluation) in VARIANTS.items()}
+    table = render_table([(VARIANTS[v][0], aggregate([s])) for v, s in summaries.items()])
+    full, labeled = (summaries[v]["average"]["dice"] for v in ("full", "labeled_only"))
+    iterations = _last_iteration(out / "run" / "metrics.csv")
+    verdict = "above" if full > labeled else "below" if full < labeled else "level with"
+    sentence = (f"The demo trained the `full` SKCDF variant and, for comparison, the same VNet on the labeled "
+                f"cases alone (`labeled_only`), each for {iterations} iterations. SKCDF's mean Dice is "
+                f"{full:.2f} %, {verdict} labeled-only's {labeled:.2f} % ({full - labeled:+.2f} points).")
+    return table, sentence
+
+
+def _last_iteration(metrics_csv: Path) -> int:
+    lines = metrics_csv.read_text().splitlines()
+    return int(lines[-1].split(",")[1]) if len(lines) > 1 else 0
+
+
+def _report_text(out: Path, run: Path, data: Path, case: str, seconds: float) -> tuple[str, str]:
+    """The report's Markdown, and the results table alone (printed at the end)."""
+    table, sentence = _comparison(out)
     q = _shell_word
-    return f"""# skcdf demo report
+    text = f"""# skcdf demo report
 
 SKCDF trained on the built-in phantom ({data}) on this machine; total time {seconds / 60:.1f} min.
+{sentence}
 Dice in %, ASD in voxels, per class over the test cases (SPEC §4 conventions).
 
 {table}
-Per-case values: [eval/per_case.csv](eval/per_case.csv); summary: [eval/summary.json](eval/summary.json).
+Per-case values: [eval/per_case.csv](eval/per_case.csv) (SKCDF),
+[eval-labeled-only/per_case.csv](eval-labeled-only/per_case.csv) (labeled only).
 
-## Test case `{case}`: ground truth beside prediction
+## Test case `{case}`: ground truth beside SKCDF's prediction
 
 ![overlay](overlay.png)
 
 ## Training curves
 
+SKCDF: losses, validation Dice per organ, the Dice of each head and of the pseudo-labels, and the
+pseudo-labels' foreground fraction beside the true one.
+
 ![curves](curves.png)
+
+Labeled only:
+
+![curves of the labeled-only run](curves-labeled-only.png)
 
 ## The trained model
 
@@ -117,6 +167,7 @@ skcdf evaluate {q(out / 'predictions')} {q(data)} --split test --out {q(out / 'e
 skcdf overlay {q(data / 'npy' / f'{case}_image.npy')} {q(data / 'npy' / f'{case}_label.npy')} {q(out / 'predictions' / f'{case}.nii.gz')} --out overlay.png
 ```
 """
+    return text, table
 
 
 def _shell_word(path: Path) -> str:

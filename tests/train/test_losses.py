@@ -73,6 +73,15 @@ def test_all_ones_mask_gives_plain_dice_ce(batch):
         assert balanced_dice_ce(logits, labels, ones, mode).item() == pytest.approx(plain, rel=1e-6)
 
 
+def test_adjusted_mode_is_exclude_on_logit_adjusted_logits(batch):
+    logits, labels, mask = batch
+    keep = torch.tensor([0.01, 1.0, 0.5, 0.2])
+    expected = _reference_dice_ce(logits + keep.log().view(1, -1, 1, 1, 1), labels, keep=mask).item()
+    assert balanced_dice_ce(logits, labels, mask, "adjusted", keep).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="keep probabilities"):
+        balanced_dice_ce(logits, labels, mask, "adjusted")
+
+
 def test_unknown_mode_is_an_error(batch):
     logits, labels, mask = batch
     with pytest.raises(ValueError, match="balance mode"):
@@ -92,7 +101,7 @@ def test_uniform_prediction_value():
 def test_losses_keep_full_precision_and_upcast_half(dtype, expected, batch):
     logits, labels, mask = batch[0].to(dtype), batch[1], batch[2]
     assert dice_ce(logits, labels).dtype == expected
-    for mode in ("reference", "exclude"):
-        assert balanced_dice_ce(logits, labels, mask, mode).dtype == expected
+    for mode in ("reference", "exclude", "adjusted"):
+        assert balanced_dice_ce(logits, labels, mask, mode, torch.full((4,), 0.5)).dtype == expected
     if dtype == torch.float64:  # no fp32 rounding anywhere: equals the float64 computation to ~1e-15
         assert abs(dice_ce(logits, labels).item() - _reference_dice_ce(logits, labels).item()) < 1e-13

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BALANCE_MODES = ("reference", "exclude")
+BALANCE_MODES = ("reference", "exclude", "adjusted")
 _SMOOTH = 1.0
 _EPSILON = 1e-8  # the reference's extra term in the Dice denominator
 
@@ -58,17 +58,29 @@ def dice_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return _dice_ce(logits, labels, None)
 
 
-def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "reference") -> Tensor:
+def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "reference",
+                     keep_probability: Tensor | None = None) -> Tensor:
     """DiceCE restricted by a voxel mask (the auxiliary balanced head's loss).
 
-    logits (b,K,D,H,W); labels (b,D,H,W) int64; mask (b,D,H,W) of 0/1 (any float dtype).
+    logits (b,K,D,H,W); labels (b,D,H,W) int64; mask (b,D,H,W) of 0/1 (any dtype).
     mode "reference": multiply logits and labels by the mask, then plain DiceCE (masked voxels become
       background with uniform logits and carry no gradient, but still count in the CE mean and the
       Dice denominators) — what produced the published numbers.
     mode "exclude": masked voxels are left out of the CE mean and of every Dice sum.
+    mode "adjusted": "exclude" on logits + log(keep_probability) (logit adjustment, Menon et al.,
+      ICLR 2021). The kept voxels over-represent class c by keep_probability[c]; adding its log
+      inside the loss lets the head's own logits estimate the class posterior of the unmasked data,
+      so the head still learns from a class-balanced sample but predicts without the sample's prior.
+    keep_probability (K,): the mask's per-class keep probabilities ("adjusted" only).
     """
     if mode == "reference":
         return _dice_ce(logits * mask.unsqueeze(1).to(logits.dtype), labels * mask.to(labels.dtype), None)
+    precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if mode == "exclude":
-        return _dice_ce(logits, labels, mask.to(torch.float64 if logits.dtype == torch.float64 else torch.float32))
+        return _dice_ce(logits, labels, mask.to(precision))
+    if mode == "adjusted":
+        if keep_probability is None:
+            raise ValueError("balance mode 'adjusted' needs the mask's keep probabilities")
+        shift = keep_probability.to(device=logits.device, dtype=precision).log().view(1, -1, *[1] * (logits.ndim - 2))
+        return _dice_ce(logits.to(precision) + shift, labels, mask.to(precision))
     raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")

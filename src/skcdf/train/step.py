@@ -92,8 +92,8 @@ def semi_supervised_loss(
         mask_unlabeled = sample_balance_mask(keep_unlabeled, pseudo_label_aux)
         if confident_aux is not None:
             mask_unlabeled = mask_unlabeled & confident_aux
-        sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode)
-        unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode)
+        sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode, keep_labeled)
+        unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode, keep_unlabeled)
         pseudo_labels["aux"] = pseudo_label_aux
     loss = sup_main + sup_bal + unsup_weight * (unsup_main + unsup_bal)
     return loss, torch.stack([sup_main, sup_bal, unsup_main, unsup_bal]).detach(), pseudo_labels
@@ -116,6 +116,7 @@ def supervised_loss(
     main, aux = model(x, flow="unlabeled")
     sup_main = dice_ce(main, y)
     zero = torch.zeros((), device=sup_main.device)
-    sup_bal = zero if aux is None else balanced_dice_ce(aux, y, sample_balance_mask(keep_labeled, y), balance_mode)
+    sup_bal = zero if aux is None else balanced_dice_ce(aux, y, sample_balance_mask(keep_labeled, y), balance_mode,
+                                                        keep_labeled)
     loss = sup_main + sup_bal
     return loss, torch.stack([sup_main, sup_bal, zero, zero]).detach(), {}
