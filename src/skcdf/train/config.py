@@ -251,8 +251,8 @@ def hardware_settings(config: dict[str, Any], device_type: str) -> dict[str, boo
     """{"amp": ..., "channels_last": ...} for a run on a device of type ``device_type`` ("cuda", "cpu", "mps").
 
     ``auto`` turns both on for CUDA (bf16 autocast and channels_last_3d: the fast path of recent GPUs)
-    and off elsewhere, so that CPU and MPS runs keep the reference's fp32 numerics and stay bit-exact
-    on resume. ``amp: false`` keeps CUDA runs in fp32, as the reference trains.
+    and off elsewhere, so that CPU and MPS runs keep the reference's fp32 numerics and memory layout.
+    ``amp: false`` keeps CUDA runs in fp32, as the reference trains.
 
     Raises:
         InputError: ``amp: true`` on a device other than CUDA.
