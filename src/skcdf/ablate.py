@@ -84,10 +84,11 @@ def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) 
             train(load_config(preset, settings), data, run, resume=(run / "config.yaml").is_file())
         return
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    from skcdf.data.parallel import available_cores
+
+    threads = max(1, available_cores() // jobs)
     print(f"[ablate] training {len(todo)} run(s), {jobs} at a time ({threads} CPU thread(s) each)", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_train_in_process, preset, settings, str(data), str(run), threads)
@@ -96,7 +97,7 @@ def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) 
             future.result()  # re-raises a worker's error; finished runs stay reusable
 
 
-def _iterations(run: Path) -> int:
+def trained_iterations(run: Path) -> int:
     """Training iterations of a finished run (the last row of its metrics.csv)."""
     with (run / "metrics.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -141,7 +142,7 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
         table_rows.append((row.title, aggregate(summaries)))
         variant = row.run_name + ("" if row.decoder == "unlabeled" else f"@{row.decoder}-decoder")
         for seed, summary in zip(seeds, summaries):
-            lines.append([variant, seed, _iterations(out / row.run_name / f"seed{seed}"), summary["split"],
+            lines.append([variant, seed, trained_iterations(out / row.run_name / f"seed{seed}"), summary["split"],
                           f"{summary['average']['dice']:.4f}", *(f"{d:.4f}" for d in summary["per_class"]["dice"])])
     text = (f"# Ablation on `{data}` (preset `{preset}`, seeds {', '.join(map(str, seeds))})\n\n"
             "Mean ± std over seeds of each run's class-averaged Dice (%) and ASD (voxels); per-class columns "

@@ -48,6 +48,7 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     from skcdf.ablate import train_runs
     from skcdf.checkpoint import load_model
     from skcdf.data.layout import load_image, load_label, read_dataset_info, read_split
+    from skcdf.data.parallel import available_cores
     from skcdf.data.phantom import generate_phantom
     from skcdf.infer import predict_dataset
     from skcdf.metrics import evaluate_folders, read_label_file
@@ -69,7 +70,7 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     todo = {out / folder: [*settings, f"variant={variant}"] for variant, (_, folder, _) in VARIANTS.items()}
     _log(f"2/5 train: SKCDF and, beside it, the labeled-only VNet, {epochs} epochs each "
          f"(about {minutes:g} min on 2 CPU cores) into {', '.join(str(run) for run in todo)}")
-    train_runs(PRESET, data, todo, jobs=len(todo) if _cores() >= len(todo) or device != "cpu" else 1)
+    train_runs(PRESET, data, todo, jobs=len(todo) if available_cores() >= len(todo) or device != "cpu" else 1)
 
     _log("3/5 predict and 4/5 evaluate: sliding window over the test cases, Dice and ASD per class")
     for variant, (title, folder, evaluation) in VARIANTS.items():
@@ -99,31 +100,21 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     return report
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _comparison(out: Path) -> tuple[str, str]:
     """The two runs' table, and a sentence comparing SKCDF with labeled-only at the same budget."""
+    from skcdf.ablate import trained_iterations
     from skcdf.report import aggregate, load_summary, render_table
 
     summaries = {variant: load_summary(out / evaluation / "summary.json")
                  for variant, (_, _, evaluation) in VARIANTS.items()}
     table = render_table([(VARIANTS[v][0], aggregate([s])) for v, s in summaries.items()])
     full, labeled = (summaries[v]["average"]["dice"] for v in ("full", "labeled_only"))
-    iterations = _last_iteration(out / "run" / "metrics.csv")
+    iterations = trained_iterations(out / "run")
     verdict = "above" if full > labeled else "below" if full < labeled else "level with"
     sentence = (f"The demo trained the `full` SKCDF variant and, for comparison, the same VNet on the labeled "
                 f"cases alone (`labeled_only`), each for {iterations} iterations. SKCDF's mean Dice is "
                 f"{full:.2f} %, {verdict} labeled-only's {labeled:.2f} % ({full - labeled:+.2f} points).")
     return table, sentence
-
-
-def _last_iteration(metrics_csv: Path) -> int:
-    lines = metrics_csv.read_text().splitlines()
-    return int(lines[-1].split(",")[1]) if len(lines) > 1 else 0
 
 
 def _report_text(out: Path, run: Path, data: Path, case: str, seconds: float) -> tuple[str, str]:
