@@ -61,27 +61,25 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
     return list(unique.values())
 
 
-def _train_in_process(preset: str, settings: list[str], data: str, run: str, threads: int) -> None:
-    """One training run in a worker process of a parallel ablation, with ``threads`` CPU threads."""
+def _train_one(preset: str, settings: list[str], data: str | Path, run: str | Path, threads: int | None = None) -> None:
+    """Train (or finish) one run; ``threads`` sets the CPU threads of a worker process of a parallel ablation."""
     import torch
 
     from skcdf.train.config import load_config
     from skcdf.train.trainer import train
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     train(load_config(preset, settings), data, run, resume=(Path(run) / "config.yaml").is_file())
 
 
 def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) -> None:
     """Train (or finish) every run of ``todo`` (run folder -> settings): in this process one after the
     other, or ``jobs`` at a time in worker processes that share the CPU cores (or one GPU)."""
-    from skcdf.train.config import load_config
-    from skcdf.train.trainer import train
-
     if jobs == 1:
         for number, (run, settings) in enumerate(todo.items(), 1):
             print(f"[ablate] training {number}/{len(todo)}: {run}", flush=True)
-            train(load_config(preset, settings), data, run, resume=(run / "config.yaml").is_file())
+            _train_one(preset, settings, data, run)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -91,7 +89,7 @@ def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) 
     threads = max(1, available_cores() // jobs)
     print(f"[ablate] training {len(todo)} run(s), {jobs} at a time ({threads} CPU thread(s) each)", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_in_process, preset, settings, str(data), str(run), threads)
+        futures = [pool.submit(_train_one, preset, settings, str(data), str(run), threads)
                    for run, settings in todo.items()]
         for future in futures:
             future.result()  # re-raises a worker's error; finished runs stay reusable
