@@ -2,8 +2,8 @@
 
 phantom → train SKCDF and, beside it, the labeled-only VNet (`phantom_tiny` preset, same budget) →
 predict the held-out test cases → evaluate → a per-class table of both in the paper's layout, an
-overlay PNG, training curves, and ``report.md`` linking them. Every stage reuses what an earlier, interrupted demo in the same folder left, so running the
-same command again resumes.
+overlay PNG, training curves, and ``report.md`` linking them. Every stage reuses what an earlier,
+interrupted demo in the same folder left, so running the same command again resumes.
 """
 
 from __future__ import annotations
@@ -84,9 +84,10 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     _log("5/5 pictures and report")
     run = out / "run"
     case = read_split(data, "test")[0]
-    prediction, _ = read_label_file(out / "predictions" / f"{case}.nii.gz", model.num_classes)
+    info = read_dataset_info(data)
+    prediction, _ = read_label_file(out / "predictions" / f"{case}.nii.gz", int(info["num_classes"]))
     overlay_png(load_image(data, case), load_label(data, case), prediction, out / "overlay.png",
-                class_abbrevs=read_dataset_info(data)["class_abbrevs"], window=preprocessing["window"])
+                class_abbrevs=info["class_abbrevs"], window=info.get("window"))
     plot_curves(run / "metrics.csv", out / "curves.png")
     plot_curves(out / "run-labeled-only" / "metrics.csv", out / "curves-labeled-only.png")
     report = out / "report.md"
