@@ -58,6 +58,8 @@ def test_yaml_file_and_variant_defaults(tmp_path):
     (["lr=0"], "lr must be > 0"),
     (["lr=abc"], "lr must be a finite number"),
     (["balance_mode=soft"], "balance_mode must be one of"),
+    (["pseudo_label_threshold=1.0"], "pseudo_label_threshold must be null or lie in"),
+    (["pseudo_label_threshold=high"], "pseudo_label_threshold must be a finite number"),
     (["inference_decoder=both"], "inference_decoder must be"),
     (["device=tpu"], "device must be"),
     (["amp=maybe"], "amp must be true, false or auto"),

@@ -56,6 +56,26 @@ def test_semi_supervised_loss_combines_the_right_outputs():
     assert labeled_main[:B_L].abs().sum() > 0 and forward.outputs[3].grad.abs().sum() > 0
 
 
+def test_pseudo_label_threshold_keeps_only_confident_voxels():
+    forward = FixedOutputs(aux=True)
+    x_l, y_l, x_u = _inputs()
+    keep_l, keep_u = torch.tensor([0.2, 1.0, 0.5, 0.7]), torch.tensor([0.6, 1.0, 0.8, 0.9])
+    torch.manual_seed(5)
+    _, terms, pseudo_labels = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0, keep_labeled=keep_l,
+                                                   keep_unlabeled=keep_u, balance_mode="exclude",
+                                                   pseudo_label_threshold=0.5)
+    pl, pl_aux, pu, pu_aux = (t.detach() for t in forward.outputs)
+    torch.manual_seed(5)
+    torch.rand(y_l.shape)  # the labeled mask's draw
+    probs, probs_aux = pl[B_L:].softmax(1), pl_aux[B_L:].softmax(1)
+    confident, confident_aux = probs.max(1).values >= 0.5, probs_aux.max(1).values >= 0.5
+    assert 0 < confident.sum() < confident.numel()  # the threshold does select
+    mask_u = (torch.rand(confident_aux.shape) < keep_u[probs_aux.argmax(1)]) & confident_aux
+    torch.testing.assert_close(terms[2], balanced_dice_ce(pu, probs.argmax(1), confident, "exclude"))
+    torch.testing.assert_close(terms[3], balanced_dice_ce(pu_aux, probs_aux.argmax(1), mask_u, "exclude"))
+    assert torch.equal(pseudo_labels["main"], probs.argmax(1)) and torch.equal(pseudo_labels["aux"], probs_aux.argmax(1))
+
+
 def test_without_aux_heads_the_balanced_terms_vanish():
     x_l, y_l, x_u = _inputs()
     ones = torch.ones(K)
