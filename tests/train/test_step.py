@@ -31,13 +31,23 @@ def _inputs():
             torch.rand(B_U, 1, *SHAPE, generator=generator))
 
 
-def test_semi_supervised_loss_combines_the_right_outputs():
+KEEP_L, KEEP_U = torch.tensor([0.2, 1.0, 0.5, 0.7]), torch.tensor([0.6, 1.0, 0.8, 0.9])
+
+
+def _exclude_step(unsup_weight: float, threshold: float | None = None):
+    """The step on fixed outputs in balance mode "exclude", its masks drawn after torch.manual_seed(5).
+    Returns (forward, labels, (loss, terms, pseudo-labels))."""
     forward = FixedOutputs(aux=True)
     x_l, y_l, x_u = _inputs()
-    keep_l, keep_u = torch.tensor([0.2, 1.0, 0.5, 0.7]), torch.tensor([0.6, 1.0, 0.8, 0.9])
     torch.manual_seed(5)
-    loss, terms, _ = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=3.0, keep_labeled=keep_l,
-                                       keep_unlabeled=keep_u, balance_mode="exclude")
+    return forward, y_l, semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=unsup_weight, keep_labeled=KEEP_L,
+                                              keep_unlabeled=KEEP_U, balance_mode="exclude",
+                                              pseudo_label_threshold=threshold)
+
+
+def test_semi_supervised_loss_combines_the_right_outputs():
+    forward, y_l, (loss, terms, _) = _exclude_step(3.0)
+    keep_l, keep_u = KEEP_L, KEEP_U
 
     pl, pl_aux, pu, pu_aux = (t.detach() for t in forward.outputs)
     torch.manual_seed(5)  # the masks are the step's first two draws: labeled, then unlabeled
@@ -57,13 +67,8 @@ def test_semi_supervised_loss_combines_the_right_outputs():
 
 
 def test_pseudo_label_threshold_keeps_only_confident_voxels():
-    forward = FixedOutputs(aux=True)
-    x_l, y_l, x_u = _inputs()
-    keep_l, keep_u = torch.tensor([0.2, 1.0, 0.5, 0.7]), torch.tensor([0.6, 1.0, 0.8, 0.9])
-    torch.manual_seed(5)
-    _, terms, pseudo_labels = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0, keep_labeled=keep_l,
-                                                   keep_unlabeled=keep_u, balance_mode="exclude",
-                                                   pseudo_label_threshold=0.5)
+    forward, y_l, (_, terms, pseudo_labels) = _exclude_step(1.0, threshold=0.5)
+    keep_u = KEEP_U
     pl, pl_aux, pu, pu_aux = (t.detach() for t in forward.outputs)
     torch.manual_seed(5)
     torch.rand(y_l.shape)  # the labeled mask's draw
