@@ -17,7 +17,7 @@ from skcdf.data.layout import load_geometry, load_image
 from skcdf.utils import InputError
 from skcdf.viz import organ_colour
 from tests.dicom_series import write_series
-from tests.test_infer import BOX, PREPROCESSING, ThresholdToy, box_scan, rotation, run_folder  # noqa: F401 (fixture)
+from tests.scans import PREPROCESSING, ThresholdToy, box_scan, rotation
 
 
 def flipped_stack(scan: sitk.Image) -> sitk.Image:
@@ -135,7 +135,7 @@ def test_a_bad_series_gets_one_message_naming_the_folder(tmp_path, problem):
 
 
 @pytest.mark.parametrize("problem", ["empty", "missing", "modality"])
-def test_cli_refuses_a_bad_series_and_writes_nothing(run_folder, tmp_path, capsys, problem):  # noqa: F811
+def test_cli_refuses_a_bad_series_and_writes_nothing(run_folder, tmp_path, capsys, problem):
     run, _ = run_folder
     folder, message = _bad_series(tmp_path, problem)
     assert main(["predict", str(run), str(folder), str(tmp_path / "out"), "--dicom-seg"]) == 2
@@ -195,7 +195,7 @@ def test_no_segmentation_without_a_predicted_organ(tmp_path):
     assert not (tmp_path / "x.dcm").exists()
 
 
-def test_cli_predicts_a_series_into_nifti_and_a_matching_seg(run_folder, tmp_path):  # noqa: F811
+def test_cli_predicts_a_series_into_nifti_and_a_matching_seg(run_folder, tmp_path):
     run, _ = run_folder
     write_series(box_scan(), tmp_path / "patient1")
 
@@ -209,7 +209,7 @@ def test_cli_predicts_a_series_into_nifti_and_a_matching_seg(run_folder, tmp_pat
         dicom.read_segmentation(tmp_path / "out" / "patient1.seg.dcm", series, ["background", "liver", "spleen"]), labels)
 
 
-def test_dicom_options_need_a_dicom_series(run_folder, tmp_path, capsys):  # noqa: F811
+def test_dicom_options_need_a_dicom_series(run_folder, tmp_path, capsys):
     run, _ = run_folder
     sitk.WriteImage(box_scan(), str(tmp_path / "scan.nii.gz"))
     assert main(["predict", str(run), str(tmp_path / "scan.nii.gz"), str(tmp_path / "out"), "--dicom-seg"]) == 2

@@ -13,7 +13,7 @@ from skcdf.export import OnnxModel, export_onnx
 from skcdf.infer import model_logits
 from skcdf.nn import SKCDFNet
 from skcdf.utils import InputError
-from tests.test_infer import NET_PREPROCESSING, box_scan, run_folder  # noqa: F401 (fixture)
+from tests.scans import box_scan
 
 pytest.importorskip("onnxruntime")
 
@@ -64,7 +64,7 @@ def test_an_onnx_model_refuses_the_other_decoder(exported):
         onnx_model.logits_fn(other)
 
 
-def test_cli_export_then_predict_gives_the_same_labels_as_the_checkpoint(run_folder, tmp_path, capsys):  # noqa: F811
+def test_cli_export_then_predict_gives_the_same_labels_as_the_checkpoint(run_folder, tmp_path, capsys):
     run, _ = run_folder
     scan = box_scan()
     sitk.WriteImage(scan, str(tmp_path / "scan.nii.gz"))

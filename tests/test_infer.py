@@ -13,16 +13,13 @@ from scipy import ndimage
 from torch import nn
 
 from skcdf import infer
-from skcdf.checkpoint import save_checkpoint
 from skcdf.cli import main
 from skcdf.data import layout
 from skcdf.data.preprocess import resample_to_size
 from skcdf.infer import InferenceSettings, sliding_window_probabilities
-from skcdf.nn import SKCDFNet
 from skcdf.utils import InputError
+from tests.scans import BOX, NET_PREPROCESSING, NUM_CLASSES, PATCH, PREPROCESSING, ThresholdToy, box_scan
 
-PATCH = (16, 32, 32)
-NUM_CLASSES = 3
 
 
 class PositionalToy(nn.Module):
@@ -168,39 +165,6 @@ def test_stride_larger_than_patch_is_refused():
 
 # ------------------------------------------------------------------------------------- scans and files
 
-WINDOW = [-75.0, 275.0]
-PREPROCESSING = {"size": list(PATCH), "window": WINDOW, "patch_size": list(PATCH)}
-BOX = (slice(6, 18), slice(10, 30), slice(8, 22))
-
-
-class ThresholdToy(nn.Module):
-    """Class 1 wherever the windowed, scaled intensity exceeds 0.5: segments bright objects exactly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steepness = nn.Parameter(torch.tensor(40.0))
-
-    def forward(self, x: torch.Tensor, flow: str = "unlabeled") -> tuple[torch.Tensor, None]:
-        return torch.cat([torch.zeros_like(x), self.steepness * (x - 0.5)], dim=1), None
-
-
-def rotation(degrees_z: float, degrees_x: float) -> tuple[float, ...]:
-    z, x = np.radians(degrees_z), np.radians(degrees_x)
-    about_z = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
-    about_x = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
-    return tuple((about_z @ about_x).ravel())
-
-
-def box_scan(shape=(24, 40, 30)) -> sitk.Image:
-    """Air (-1000 HU) with a soft-tissue box (200 HU) at BOX, on an oblique grid with anisotropic spacing."""
-    array = np.full(shape, -1000.0, dtype=np.float32)
-    array[BOX] = 200.0
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing((0.7, 0.9, 2.5))
-    image.SetOrigin((12.5, -30.0, 48.0))
-    image.SetDirection(rotation(30, 20))
-    return image
-
 
 def test_prediction_overlays_the_scan_on_its_own_grid(tmp_path):
     scan = box_scan()
@@ -254,23 +218,6 @@ def test_original_space_prediction_of_a_prepared_case_matches_predicting_the_sca
 
 
 # ------------------------------------------------------------------------------- `skcdf predict` (CLI)
-
-
-# The SKCM needs every patch side divisible by 32; the training size spans 2×2 windows in-plane.
-NET_PREPROCESSING = {"size": [32, 48, 40], "window": WINDOW, "patch_size": [32, 32, 32]}
-
-
-@pytest.fixture
-def run_folder(tmp_path):
-    """A run folder whose best.pt holds a tiny random SKCDFNet, and that model (eval mode)."""
-    torch.manual_seed(0)
-    model = SKCDFNet(num_classes=NUM_CLASSES, filters=2, patch_size=NET_PREPROCESSING["patch_size"]).eval()
-    names = ["background", "liver", "spleen"]
-    save_checkpoint(tmp_path / "run" / "best.pt", {
-        "format": "skcdf-checkpoint", "model_args": model.init_args, "model": model.state_dict(),
-        "preprocessing": {**NET_PREPROCESSING, "class_names": names, "class_abbrevs": ["BG", "Li", "Sp"]},
-    })
-    return tmp_path / "run", model
 
 
 def test_cli_predicts_a_prepared_split_from_a_run_folder_and_a_checkpoint(run_folder, tmp_path, capsys):

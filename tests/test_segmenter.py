@@ -10,11 +10,11 @@ from skcdf import Segmenter, infer
 from skcdf.infer import InferenceSettings
 from skcdf.utils import InputError
 from tests.dicom_series import write_series
-from tests.test_infer import NET_PREPROCESSING, NUM_CLASSES, box_scan, run_folder  # noqa: F401 (fixture)
+from tests.scans import NET_PREPROCESSING, NUM_CLASSES, box_scan
 
 
 @pytest.fixture
-def segmenter_and_expected(run_folder):  # noqa: F811
+def segmenter_and_expected(run_folder):
     """A Segmenter loaded from the run, the scan, and the labels predict_image gives for it."""
     run, model = run_folder
     scan = box_scan()
@@ -22,7 +22,7 @@ def segmenter_and_expected(run_folder):  # noqa: F811
     return Segmenter.load(run, device="cpu"), scan, expected
 
 
-def test_load_keeps_the_checkpoint_preprocessing(run_folder):  # noqa: F811
+def test_load_keeps_the_checkpoint_preprocessing(run_folder):
     run, _ = run_folder
     segmenter = Segmenter.load(run / "best.pt", settings=InferenceSettings(tta=True))
     assert segmenter.class_names == ["background", "liver", "spleen"]
