@@ -49,3 +49,25 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, monkeypatch, caps
     monkeypatch.setattr(demo, "run_demo", interrupted)
     assert demo.main_cli(str(tmp_path / "d"), 3.0, 0, "cpu") == 130
     assert f"skcdf demo --out {tmp_path / 'd'} --minutes 3" in capsys.readouterr().err
+
+
+def test_on_a_gpu_a_timed_trial_sizes_the_epochs_and_a_resume_keeps_them(tmp_path):
+    def timed() -> float:
+        return 0.5  # seconds per epoch of the two runs side by side
+
+    def not_again() -> float:
+        raise AssertionError("the trial ran again")
+
+    assert demo.planned_epochs(tmp_path, 2.0, "cuda", 150, timed) == 240  # 120 s / 0.5 s
+    assert json.loads((tmp_path / "plan.json").read_text())["epochs"] == 240
+    assert demo.planned_epochs(tmp_path, 2.0, "cuda", 150, not_again) == 240
+    # On the CPU the preset's epochs scale with the minutes; nothing is timed or saved.
+    assert demo.planned_epochs(tmp_path / "cpu", demo.PRESET_MINUTES / 2, "cpu", 150, not_again) == 75
+    assert not (tmp_path / "cpu" / "plan.json").exists()
+
+
+def test_the_timed_trial_trains_both_runs_and_leaves_nothing(tmp_path, tiny_phantom, monkeypatch):
+    monkeypatch.setattr(demo, "TRIAL_EPOCHS", 1)
+    seconds = demo._time_trial(tmp_path, tiny_phantom, ["device=cpu", "labeled_split=labeled_40p", "unlabeled_split=unlabeled_40p"], jobs=1)
+    assert seconds > 0
+    assert not (tmp_path / "trial").exists()
