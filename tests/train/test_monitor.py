@@ -51,6 +51,23 @@ def test_validate_heads_equals_per_case_dice_of_each_output():
         np.testing.assert_allclose(dice[head].numpy(), np.mean(per_case, axis=0), atol=1e-9)
 
 
+def test_a_shared_decoder_without_skcm_is_run_once_per_batch():
+    torch.manual_seed(0)
+    model = SKCDFNet(num_classes=K, filters=2, patch_size=(32, 32, 32), skcm=False, aux_heads=False,
+                     shared_decoder=True).eval()
+    calls = []
+    model.labeled_decoder.register_forward_hook(lambda *args: calls.append(1))
+    images = torch.rand(2, 1, 32, 32, 32)
+    labels = torch.randint(0, K, (2, 32, 32, 32))
+    dice = validate_heads(model, [{"image": images, "label": labels}], torch.device("cpu"), K)
+    assert len(calls) == 1
+    with torch.no_grad():
+        logits, _ = model(images, flow="unlabeled")
+    per_case = [dice_per_class(logits[i].argmax(0).numpy(), labels[i].numpy(), range(1, K)) for i in range(2)]
+    for head in ("labeled_main", "unlabeled_main"):
+        np.testing.assert_allclose(dice[head].numpy(), np.mean(per_case, axis=0), atol=1e-9)
+
+
 def test_pseudo_label_monitor_pools_an_epoch():
     monitor = PseudoLabelMonitor(K, torch.device("cpu"))
     first, second = _label_maps(1), _label_maps(2)

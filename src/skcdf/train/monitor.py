@@ -54,9 +54,11 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
 
     batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64, centre crops of the
     patch size. D_l is run as at inference with the labeled decoder (cross mode, each crop paired with
-    itself); D_u by the unlabeled flow. Heads the model lacks (no aux heads) are left out.
+    itself); D_u by the unlabeled flow. Heads the model lacks (no aux heads) are left out. A model
+    with one shared decoder and no SKCM (baseline, labeled_only) has one path: it runs once.
     Returns {head: float64 (K-1,) on the CPU}, foreground classes only.
     """
+    one_path = model.skcm is None and model.unlabeled_decoder is model.labeled_decoder
     was_training = model.training
     model.eval()
     totals: dict[str, Tensor] = {}
@@ -65,7 +67,8 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         with autocast():
-            outputs = model.forward_labeled_decoder(image) + model(image, flow="unlabeled")
+            labeled = model.forward_labeled_decoder(image)
+            outputs = labeled + (labeled if one_path else model(image, flow="unlabeled"))
         for head, logits in zip(HEADS, outputs):
             if logits is not None:
                 dice = dice_from_confusion(confusion_counts(logits.argmax(1), label, num_classes))
