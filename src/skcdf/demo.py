@@ -23,14 +23,12 @@ PRESET = "phantom_tiny"
 PHANTOM_SHAPE = (32, 48, 48)
 #: Minutes of training the preset's epoch count was sized for (2 CPU cores, see README).
 PRESET_MINUTES = 7.0
+#: Epochs of the timed trial that sizes the budget on a GPU (or any device but the CPU).
+TRIAL_EPOCHS = 4
 
 
 def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
-
-
-#: Epochs of the timed trial that sizes the budget on a GPU (or any device but the CPU).
-TRIAL_EPOCHS = 4
 
 
 def _scaled_epochs(preset_epochs: int, minutes: float) -> int:
@@ -64,6 +62,7 @@ def _time_trial(out: Path, data: Path, settings: list[str], jobs: int) -> float:
     """Seconds per epoch of both runs trained side by side for TRIAL_EPOCHS (the trial is deleted)."""
     from skcdf.ablate import train_runs
 
+    _log(f"2/5 train: timing {TRIAL_EPOCHS} epochs of both runs to size their budget")
     trial = out / "trial"
     shutil.rmtree(trial, ignore_errors=True)
     todo = {trial / variant: [*settings, f"variant={variant}", f"epochs={TRIAL_EPOCHS}", "val_every=0"]
@@ -114,8 +113,6 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     device_type = resolve_device(device).type
     jobs = len(VARIANTS) if available_cores() >= len(VARIANTS) or device_type != "cpu" else 1
     settings = [f"seed={seed}", f"device={device}"]
-    if device_type != "cpu" and not (out / "plan.json").is_file():
-        _log(f"2/5 train: timing {TRIAL_EPOCHS} epochs on {device_type} to fit the runs into {minutes:g} min")
     epochs = planned_epochs(out, minutes, device_type, load_config(PRESET)["epochs"],
                             lambda: _time_trial(out, data, settings, jobs))
     todo = {out / folder: [*settings, f"epochs={epochs}", f"variant={variant}"]
