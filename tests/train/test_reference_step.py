@@ -4,8 +4,10 @@
 weights, the inputs, every Bernoulli mask the reference drew, each loss term and the full state after
 the knowledge transfer of iteration 1 and after iterations 1 and 2. We load the weights with the
 importer, inject the recorded masks in place of our draws, and run skcdf's own knowledge transfer,
-`semi_supervised_loss`, backward and SGD. The fixture's README puts an independent float64
-implementation at about 1e-10 relative on the states and 1e-12 on the losses.
+`semi_supervised_loss`, backward and SGD. Tolerances are the fixture README's ("Tolerance"): two SGD
+steps at lr 0.3 amplify rounding-order differences between CPUs (an Intel Xeon with AVX-512 lands
+2.7e-9 relative from the reference after iteration 2, an AMD EPYC 1.3e-10), so the states are
+checked to 1e-11 after iteration 1 and 1e-8 after iteration 2, the losses to 1e-11.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from skcdf.train.step import LOSS_TERMS, TwoFlowForward, semi_supervised_loss
 from tests.nn.test_reference import REFERENCE
 
 FIXTURE = REFERENCE / "reference_train_fixture.pt"
+#: Relative tolerance on the state after iterations 1 and 2 (the fixture README's "Tolerance").
+STATE_TOLERANCE = (1e-11, 1e-8)
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not FIXTURE.is_file(), reason="reference training fixture not found beside the repository")]
 
@@ -82,5 +86,5 @@ def test_two_reference_iterations_replay_in_float64(monkeypatch):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        _assert_state_matches(model, state, 1e-10, f"after iteration {index + 1}")
+        _assert_state_matches(model, state, STATE_TOLERANCE[index], f"after iteration {index + 1}")
     assert not recorded  # every recorded mask was used
