@@ -88,18 +88,21 @@ def test_plot_curves_from_mixed_iteration_and_epoch_rows(tmp_path):
 def test_plot_curves_shows_heads_pseudo_labels_and_names_absent_classes(tmp_path):
     abbrevs = ["Sp", "RK", "LK", "Ga", "Es", "Li", "St", "Ao", "IVC", "PSV", "Pa", "RAG", "LAG"]
     heads = ["val_dice_labeled_main", "val_dice_labeled_aux", "val_dice_unlabeled_main", "val_dice_unlabeled_aux"]
+    small = [name.replace("val_dice_", "val_dice_small_") for name in heads]
     pseudo = ["pseudo_dice_main", "pseudo_dice_aux", "pseudo_fg_main", "pseudo_fg_aux", "true_fg"]
-    header = ["epoch", "iteration", "loss", "val_dice_mean"] + [f"val_dice_{a}" for a in abbrevs] + heads + pseudo
+    header = (["epoch", "iteration", "loss", "loss_sup_bal_kept", "val_dice_mean"] + [f"val_dice_{a}" for a in abbrevs]
+              + heads + small + pseudo)
     lines = [",".join(header)]
     for epoch in range(5):
         classes = [str(10.0 * epoch + c) for c in range(12)] + ["100.0"]  # LAG absent from validation
-        lines.append(",".join([str(epoch), str(8 * (epoch + 1)), "1.0", "20.0", *classes,
-                               *["30.0"] * 4, "25.0", "5.0", "0.05", "0.3", "0.07"]))
+        lines.append(",".join([str(epoch), str(8 * (epoch + 1)), "1.0", "2.0", "20.0", *classes,
+                               *["30.0"] * 4, *["10.0"] * 4, "25.0", "5.0", "0.05", "0.3", "0.07"]))
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text("\n".join(lines) + "\n")
     plotted = plot_curves(csv_path, tmp_path / "curves.png")
     assert "val_dice_LAG" not in plotted and "val_dice_RAG" in plotted  # absent: named, not drawn flat
-    assert set(heads + pseudo) <= set(plotted)
+    assert set(heads + small + pseudo + ["loss_sup_bal_kept"]) <= set(plotted)
+    assert not {f"val_dice_small_{a}" for a in abbrevs} & set(plotted)  # the small-class panel is per head
     assert len({organ_colour(label) for label in range(1, 14)}) == 13  # every Synapse organ its own colour
     assert_valid_png(tmp_path / "curves.png")
 

@@ -134,6 +134,7 @@ def _series(x: list[str], y: list[str]) -> tuple[list[float], list[float]]:
 
 #: Columns of the "heads and pseudo-labels" panels (see skcdf.train.monitor).
 _HEAD_COLUMNS = ("val_dice_labeled_main", "val_dice_labeled_aux", "val_dice_unlabeled_main", "val_dice_unlabeled_aux")
+_SMALL_HEAD_COLUMNS = tuple(name.replace("val_dice_", "val_dice_small_") for name in _HEAD_COLUMNS)
 _PSEUDO_DICE_COLUMNS = ("pseudo_dice_main", "pseudo_dice_aux")
 _FOREGROUND_COLUMNS = ("pseudo_fg_main", "pseudo_fg_aux", "true_fg")
 
@@ -153,6 +154,7 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> l
       classes absent from the validation crops are named in the panel instead of drawn;
     - the Dice of every head (D_l/D_u, main/aux) and of the pseudo-labels (dashed), the place where a
       run's collapse shows first;
+    - the Dice of every head on the 6 smallest classes: whether the balanced (aux) heads learn them;
     - the foreground fraction of the pseudo-labels beside the true one.
     Raises InputError if the file is missing or has none of these columns.
     """
@@ -160,12 +162,15 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> l
 
     path = Path(metrics_csv)
     columns = _read_columns(path)
-    class_columns = [n for n in columns if n.startswith("val_dice_") and n != "val_dice_mean" and n not in _HEAD_COLUMNS]
+    class_columns = [n for n in columns if n.startswith("val_dice_") and n != "val_dice_mean"
+                     and n not in _HEAD_COLUMNS + _SMALL_HEAD_COLUMNS]
     panels = [("Training loss", ("iteration", "epoch"), [n for n in columns if n.startswith("loss")]),
               ("Validation Dice (inference head)", ("epoch", "iteration"),
                [n for n in ("val_dice_mean", *class_columns) if n in columns]),
               ("Dice of each head and of the pseudo-labels", ("epoch", "iteration"),
                [n for n in (*_HEAD_COLUMNS, *_PSEUDO_DICE_COLUMNS) if n in columns]),
+              ("Dice of each head, 6 smallest classes", ("epoch", "iteration"),
+               [n for n in _SMALL_HEAD_COLUMNS if n in columns]),
               ("Foreground fraction", ("epoch", "iteration"), [n for n in _FOREGROUND_COLUMNS if n in columns])]
     panels = [(title, next(x for x in xs if x in columns), names) for title, xs, names in panels
               if names and any(x in columns for x in xs)]
@@ -190,7 +195,7 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> l
                 style.update(color="black", linewidth=2.5)
             elif name.startswith("pseudo_"):
                 style["linestyle"] = "--"
-            ax.plot(x, y, label=name.removeprefix("val_dice_"), **style)
+            ax.plot(x, y, label=name.removeprefix("val_dice_").removeprefix("small_"), **style)
             plotted.append(name)
         if absent:
             ax.text(0.01, 0.99, "absent from the validation crops\n(Dice 100 by convention): " + ", ".join(absent),

@@ -56,7 +56,8 @@ def test_semi_supervised_loss_combines_the_right_outputs():
     mask_u = torch.rand(pseudo_aux.shape) < keep_u[pseudo_aux]
     expected = torch.stack([dice_ce(pl[:B_L], y_l), balanced_dice_ce(pl_aux[:B_L], y_l, mask_l, "exclude"),
                             dice_ce(pu, pseudo), balanced_dice_ce(pu_aux, pseudo_aux, mask_u, "exclude")])
-    torch.testing.assert_close(terms, expected)
+    # in mode "exclude" the kept-voxel diagnostics are the trained balanced terms themselves
+    torch.testing.assert_close(terms, torch.cat([expected, expected[[1, 3]]]))
     assert loss.item() == pytest.approx((expected[0] + expected[1] + 3.0 * (expected[2] + expected[3])).item(), rel=1e-6)
 
     loss.backward()
@@ -112,3 +113,39 @@ def test_supervised_loss_uses_the_inference_path():
     main, _ = model(x, flow="unlabeled")
     assert loss.item() == pytest.approx(dice_ce(main, y).item(), rel=1e-5)
     assert terms[1:].abs().sum() == 0
+
+
+def test_the_kept_voxel_loss_shows_what_the_reference_balanced_loss_hides():
+    """In the reference mode the trained balanced term keeps the masked voxels (uniform logits) in its
+    means; the kept-voxel diagnostic is the same head's loss over the kept voxels only."""
+    forward = FixedOutputs(aux=True)
+    x_l, y_l, x_u = _inputs()
+    torch.manual_seed(5)
+    _, terms, pseudo_labels = semi_supervised_loss(forward, x_l, y_l, x_u, unsup_weight=1.0, keep_labeled=KEEP_L,
+                                                   keep_unlabeled=KEEP_U, balance_mode="reference")
+    pl_aux, pu_aux = forward.outputs[1].detach(), forward.outputs[3].detach()
+    torch.manual_seed(5)
+    mask_l = torch.rand(y_l.shape) < KEEP_L[y_l]
+    mask_u = torch.rand(pseudo_labels["aux"].shape) < KEEP_U[pseudo_labels["aux"]]
+    torch.testing.assert_close(terms[1], balanced_dice_ce(pl_aux[:B_L], y_l, mask_l, "reference"))
+    torch.testing.assert_close(terms[4], balanced_dice_ce(pl_aux[:B_L], y_l, mask_l, "exclude"))
+    torch.testing.assert_close(terms[5], balanced_dice_ce(pu_aux, pseudo_labels["aux"], mask_u, "exclude"))
+    assert abs(terms[1] - terms[4]) > 1e-3
+
+
+def test_decoupled_balanced_loss_trains_the_balanced_head_alone():
+    """balance_mode "decoupled": the balanced loss reaches the aux head's weights and nothing upstream;
+    the outputs are those of the attached model."""
+    torch.manual_seed(0)
+    model = SKCDFNet(num_classes=K, filters=2, patch_size=(16, 16, 16), skcm=False, shared_decoder=True,
+                     dropout=False)
+    x, y = torch.rand(2, 1, 16, 16, 16), torch.randint(0, K, (2, 16, 16, 16))
+    attached = model(x, flow="unlabeled")
+    model.labeled_decoder.detach_aux = True
+    main, aux = model(x, flow="unlabeled")
+    torch.testing.assert_close((main, aux), attached)
+    balanced_dice_ce(aux, y, torch.rand(y.shape) < 0.5, "decoupled", KEEP_L).backward()
+    head = model.labeled_decoder.aux_head
+    assert head.weight.grad.abs().sum() > 0
+    upstream = [p for name, p in model.named_parameters() if not name.startswith("labeled_decoder.aux_head")]
+    assert all(p.grad is None for p in upstream)

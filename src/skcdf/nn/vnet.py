@@ -73,7 +73,13 @@ class Decoder(nn.Module):
 
     ``forward(features)``: the encoder's ``[x1, …, x5]`` (``x5`` possibly replaced by the SKCM output)
     → ``(main, aux)`` logits, each (b, num_classes, D, H, W); ``aux`` is None without an aux head.
+
+    ``detach_aux``: the aux head reads a detached copy of the feature map, so a loss on its output
+    trains the head alone and never the shared decoder and encoder (classifier re-balancing, set by
+    the trainer for ``balance_mode: decoupled``). The outputs are the same either way.
     """
+
+    detach_aux: bool = False
 
     def __init__(self, filters: int, num_classes: int, *, aux_head: bool, dropout: bool) -> None:
         super().__init__()
@@ -91,5 +97,5 @@ class Decoder(nn.Module):
         for i, (up, stage) in enumerate(zip(self.ups, self.stages)):
             x = stage(up(x) + features[3 - i])
         x = self.dropout(x)
-        aux = self.aux_head(x) if self.aux_head is not None else None
+        aux = None if self.aux_head is None else self.aux_head(x.detach() if self.detach_aux else x)
         return self.main_head(x), aux

@@ -39,3 +39,15 @@ def sample_balance_mask(keep_probability: Tensor, labels: Tensor) -> Tensor:
     Returns a bool tensor (b,D,H,W). Draws from the device's global generator.
     """
     return torch.rand(labels.shape, device=labels.device) < keep_probability[labels]
+
+
+def smallest_classes(counts: np.ndarray | list[float], how_many: int = 6) -> list[int]:
+    """The ``how_many`` foreground classes with the fewest voxels (index 0, background, excluded),
+    smallest first; ties go to the lower index. These are the classes the balanced heads are for,
+    and the ones ``val_dice_small_<head>`` in metrics.csv averages over.
+
+    counts: (K,) voxel count per class. Returns class indices in [1, K).
+    """
+    foreground = np.asarray(counts, dtype=np.float64)[1:]
+    order = np.argsort(foreground, kind="stable")[:how_many]
+    return [int(index) + 1 for index in order]

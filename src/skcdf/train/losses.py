@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BALANCE_MODES = ("reference", "exclude", "adjusted")
+BALANCE_MODES = ("reference", "exclude", "adjusted", "decoupled")
 _SMOOTH = 1.0
 _EPSILON = 1e-8  # the reference's extra term in the Dice denominator
 
@@ -71,6 +71,8 @@ def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "
       ICLR 2021). The kept voxels over-represent class c by keep_probability[c]; adding its log
       inside the loss lets the head's own logits estimate the class posterior of the unmasked data,
       so the head still learns from a class-balanced sample but predicts without the sample's prior.
+    mode "decoupled": the loss of "adjusted"; the trainer also stops its gradient at the head's
+      input (``Decoder.detach_aux``), so only the head learns from it.
     keep_probability (K,): the mask's per-class keep probabilities ("adjusted" only).
     """
     if mode == "reference":
@@ -78,9 +80,9 @@ def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if mode == "exclude":
         return _dice_ce(logits, labels, mask.to(precision))
-    if mode == "adjusted":
+    if mode in ("adjusted", "decoupled"):
         if keep_probability is None:
-            raise ValueError("balance mode 'adjusted' needs the mask's keep probabilities")
+            raise ValueError(f"balance mode {mode!r} needs the mask's keep probabilities")
         shift = keep_probability.to(device=logits.device, dtype=precision).log().view(1, -1, *[1] * (logits.ndim - 2))
         return _dice_ce(logits.to(precision) + shift, labels, mask.to(precision))
     raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")

@@ -2,9 +2,14 @@
 
 ``semi_supervised_loss`` is the SKCDF step (also baseline / df / df_skcm / df_absh: the switches
 live in the model and the configuration); ``supervised_loss`` serves labeled_only and
-fully_supervised. Both return the total loss (with graph), the detached loss terms in the order of
-``LOSS_TERMS`` (so the trainer can log without a host-device sync per iteration) and the
-pseudo-labels the step trained on (for :class:`skcdf.train.monitor.PseudoLabelMonitor`).
+fully_supervised. Both return the total loss (with graph), the detached terms in the order of
+``TERMS`` (so the trainer can log without a host-device sync per iteration) and the pseudo-labels
+the step trained on (for :class:`skcdf.train.monitor.PseudoLabelMonitor`).
+
+``TERMS`` is the four loss terms (``LOSS_TERMS``) followed by two diagnostics that are not trained
+on: the balanced heads' DiceCE over the kept voxels alone (``KEPT_TERMS``). In the reference masking
+mode the trained balanced loss keeps the ~99.5 % masked voxels in its CE mean and Dice denominators,
+so it sits near ln K + 1 whatever the head does; the kept-voxel loss is the one that can fall.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from skcdf.train.balance import sample_balance_mask
 from skcdf.train.losses import balanced_dice_ce, dice_ce
 
 LOSS_TERMS = ("sup_main", "sup_bal", "unsup_main", "unsup_bal")
+KEPT_TERMS = ("sup_bal_kept", "unsup_bal_kept")
+TERMS = LOSS_TERMS + KEPT_TERMS
 
 
 class TwoFlowForward(nn.Module):
@@ -52,6 +59,15 @@ def pseudo_labels_of(logits: Tensor, threshold: float | None) -> tuple[Tensor, T
     return labels, confidence >= threshold
 
 
+@torch.no_grad()
+def kept_voxel_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Diagnostic: DiceCE of a balanced head over the kept voxels alone ("exclude" normalisation), no graph.
+
+    logits (b,K,D,H,W); labels (b,D,H,W) int64; mask (b,D,H,W) bool. Returns a 0-d tensor.
+    """
+    return balanced_dice_ce(logits.detach(), labels, mask, "exclude")
+
+
 def semi_supervised_loss(
     forward: nn.Module,
     x_labeled: Tensor,
@@ -72,7 +88,7 @@ def semi_supervised_loss(
     pseudo_label_threshold: None (reference: every voxel's argmax is a target) or τ in (0, 1): only
       voxels whose pseudo-label has softmax probability ≥ τ enter the unsupervised terms (left out of
       the CE mean and the Dice sums, as balance mode "exclude" does with its mask).
-    Returns (loss 0-d with graph, terms (4,) detached, see LOSS_TERMS,
+    Returns (loss 0-d with graph, terms (6,) detached, see TERMS,
     pseudo-labels {"main": (B_u,D,H,W) int64, and "aux" with aux heads}).
     """
     batch_labeled = x_labeled.shape[0]
@@ -85,7 +101,7 @@ def semi_supervised_loss(
         unsup_main = balanced_dice_ce(unlabeled_main, pseudo_label, confident, "exclude")
     pseudo_labels = {"main": pseudo_label}
     if labeled_aux is None:
-        sup_bal = unsup_bal = torch.zeros((), device=sup_main.device)
+        sup_bal = unsup_bal = sup_bal_kept = unsup_bal_kept = torch.zeros((), device=sup_main.device)
     else:
         pseudo_label_aux, confident_aux = pseudo_labels_of(labeled_aux[batch_labeled:], pseudo_label_threshold)
         mask_labeled = sample_balance_mask(keep_labeled, y_labeled)
@@ -94,9 +110,12 @@ def semi_supervised_loss(
             mask_unlabeled = mask_unlabeled & confident_aux
         sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode, keep_labeled)
         unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode, keep_unlabeled)
+        sup_bal_kept = kept_voxel_loss(labeled_aux[:batch_labeled], y_labeled, mask_labeled)
+        unsup_bal_kept = kept_voxel_loss(unlabeled_aux, pseudo_label_aux, mask_unlabeled)
         pseudo_labels["aux"] = pseudo_label_aux
     loss = sup_main + sup_bal + unsup_weight * (unsup_main + unsup_bal)
-    return loss, torch.stack([sup_main, sup_bal, unsup_main, unsup_bal]).detach(), pseudo_labels
+    terms = torch.stack([sup_main, sup_bal, unsup_main, unsup_bal, sup_bal_kept, unsup_bal_kept]).detach()
+    return loss, terms, pseudo_labels
 
 
 def supervised_loss(
@@ -110,13 +129,16 @@ def supervised_loss(
     """DiceCE on labeled volumes only (labeled_only / fully_supervised), plus the balanced loss on the
     auxiliary head when the model has one. Uses the unlabeled flow: the path that inference takes.
 
-    x (B,1,D,H,W) float; y (B,D,H,W) int64. Returns (loss, terms (4,) detached; the unsup terms are 0,
-    no pseudo-labels: {}).
+    x (B,1,D,H,W) float; y (B,D,H,W) int64. Returns (loss, terms (6,) detached, see TERMS; the unsup
+    terms are 0, no pseudo-labels: {}).
     """
     main, aux = model(x, flow="unlabeled")
     sup_main = dice_ce(main, y)
     zero = torch.zeros((), device=sup_main.device)
-    sup_bal = zero if aux is None else balanced_dice_ce(aux, y, sample_balance_mask(keep_labeled, y), balance_mode,
-                                                        keep_labeled)
+    sup_bal = sup_bal_kept = zero
+    if aux is not None:
+        mask = sample_balance_mask(keep_labeled, y)
+        sup_bal = balanced_dice_ce(aux, y, mask, balance_mode, keep_labeled)
+        sup_bal_kept = kept_voxel_loss(aux, y, mask)
     loss = sup_main + sup_bal
-    return loss, torch.stack([sup_main, sup_bal, zero, zero]).detach(), {}
+    return loss, torch.stack([sup_main, sup_bal, zero, zero, sup_bal_kept, zero]).detach(), {}

@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from skcdf.checkpoint import CheckpointWriter
-from skcdf.train.balance import class_keep_probabilities, unlabeled_keep_probabilities
+from skcdf.train.balance import class_keep_probabilities, smallest_classes, unlabeled_keep_probabilities
 from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, hardware_settings, step_kind, to_yaml
 from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
 from skcdf.train.monitor import HEADS, PseudoLabelMonitor, validate_heads
-from skcdf.train.step import LOSS_TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
+from skcdf.train.step import TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
 from skcdf.utils import InputError, atomic_write_text
 
 
@@ -340,6 +340,7 @@ class Run:
     device: torch.device
     num_classes: int
     class_abbrevs: list[str]                    # foreground classes, for the metric columns
+    small_classes: list[int]                    # the 6 smallest classes (by n_c), for val_dice_small_<head>
     preprocessing: dict[str, Any]               # stored in checkpoints for `skcdf predict`
     model: nn.Module
     step_module: nn.Module                      # what the step calls: model, TwoFlowForward, DDP or compiled
@@ -377,9 +378,9 @@ def _metric_columns(class_abbrevs: list[str]) -> list[str]:
     """metrics.csv columns: schedule, losses, validation Dice (inference head per class, every head),
     pseudo-label quality."""
     return (["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
-            + [f"loss_{term}" for term in LOSS_TERMS]
+            + [f"loss_{term}" for term in TERMS]
             + ["val_dice_mean"] + [f"val_dice_{abbrev}" for abbrev in class_abbrevs]
-            + [f"val_dice_{head}" for head in HEADS]
+            + [f"val_dice_{head}" for head in HEADS] + [f"val_dice_small_{head}" for head in HEADS]
             + ["pseudo_dice_main", "pseudo_dice_aux", "pseudo_fg_main", "pseudo_fg_aux", "true_fg"])
 
 
@@ -391,6 +392,8 @@ def _build_model(config: dict[str, Any], num_classes: int, procs: Processes, dev
                      patch_size=config["patch_size"], num_heads=config["num_heads"], skcm=config["skcm"],
                      shared_decoder=config["shared_decoder"], aux_heads=config["aux_heads"],
                      dropout=config["dropout"])
+    for decoder in {model.labeled_decoder, model.unlabeled_decoder}:
+        decoder.detach_aux = config["balance_mode"] == "decoupled"  # the balanced loss trains the head alone
     if procs.world > 1 and config["sync_batchnorm"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -465,6 +468,7 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
         atomic_write_text(out / "config.yaml", to_yaml(config))  # also creates the run folder for train.log
     run = Run(
         config=config, out=out, procs=procs, device=device, num_classes=num_classes, class_abbrevs=class_abbrevs,
+        small_classes=smallest_classes(counts),
         preprocessing={"size": info.get("size"), "window": window, "patch_size": list(config["patch_size"]),
                        "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"])},
         model=model, step_module=_wrap_step_module(model, config, semi, procs, device), optimizer=optimizer,
@@ -514,10 +518,10 @@ def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
     unsup_weight = rampup_weight(config["lambda_u"], epoch, rampup)
     keep_unlabeled = unlabeled_keep_probabilities(run.keep_labeled, epoch, epochs)
     # summed on the device; synced with the host only when logging
-    term_sums = torch.zeros(len(LOSS_TERMS), device=run.device)
+    term_sums = torch.zeros(len(TERMS), device=run.device)
     loss_sum = torch.zeros((), device=run.device)
     # first iteration at which each term was not finite (-1: never)
-    first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=run.device)
+    first_bad = torch.full((len(TERMS),), -1, dtype=torch.long, device=run.device)
     labeled_batches = _forever(run.labeled_loader)
     unlabeled_batches = _forever(run.unlabeled_loader) if run.semi else None
     run.model.train()
@@ -552,7 +556,7 @@ def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
             progress.set_postfix(epoch=epoch, loss=f"{float(loss_sum) / done:.4f}")
     _check_finite(first_bad, run)  # nothing non-finite is ever checkpointed
 
-    terms_by_name = dict(zip(LOSS_TERMS, (term_sums / run.iterations_per_epoch).tolist()))
+    terms_by_name = dict(zip(TERMS, (term_sums / run.iterations_per_epoch).tolist()))
     loss_sup = terms_by_name["sup_main"] + terms_by_name["sup_bal"]
     loss_unsup = terms_by_name["unsup_main"] + terms_by_name["unsup_bal"]
     return {"epoch": epoch, "iteration": run.iteration, "lr": lr, "lambda": unsup_weight,
@@ -570,6 +574,8 @@ def _validate(run: Run, row: dict[str, Any]) -> bool:
     row["val_dice_mean"] = float(dice[inference_head].mean())
     row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(run.class_abbrevs, dice[inference_head])})
     row.update({f"val_dice_{head}": float(values.mean()) for head, values in dice.items()})
+    small = [c - 1 for c in run.small_classes]  # dice holds foreground classes only
+    row.update({f"val_dice_small_{head}": float(values[small].mean()) for head, values in dice.items()})
     if row["val_dice_mean"] <= run.best_dice:
         return False
     run.best_dice, run.best_epoch = row["val_dice_mean"], row["epoch"]
@@ -699,7 +705,7 @@ def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
     if max(bad) < 0:
         return
     iteration = min(i for i in bad if i >= 0)
-    term = LOSS_TERMS[bad.index(iteration)]
+    term = TERMS[bad.index(iteration)]
     run.checkpoints.wait()  # the last good checkpoint may still be being written
     kept = run.out / "last.pt"
     raise TrainingDiverged(f"loss term {term} is NaN or infinite at iteration {iteration}; training stopped. "
