@@ -166,7 +166,8 @@ def left_right_axis(direction: Sequence[float] | None) -> int:
     return 2 - index_axis
 
 
-def flip_plan(mode: FlipMode, axes: Sequence[int], lr_axis: int, laterality: Laterality) -> tuple[tuple[int, ...], bool]:
+def flip_plan(mode: FlipMode, axes: Sequence[int], lr_axis: int,
+              laterality: Laterality) -> tuple[tuple[int, ...], bool]:
     """The flips to apply of the ``axes`` drawn, and whether the pair labels swap.
 
     ``reference`` keeps every axis and never swaps; ``none`` keeps none; ``laterality`` drops

@@ -149,7 +149,8 @@ class PatchDataset(_CaseVolumes):
         if flips not in FLIP_MODES:
             raise ValueError(f"flips must be one of {', '.join(FLIP_MODES)}, got {flips!r}")
         if flips == "laterality" and laterality is None:
-            raise ValueError("flips='laterality' needs the data set's laterality (skcdf.data.laterality.find_laterality)")
+            raise ValueError("flips='laterality' needs the data set's laterality "
+                             "(skcdf.data.laterality.find_laterality)")
         self.flips = flips
         self.laterality = laterality or Laterality()
         # per case: the array axis along the patient's left-right (only laterality flips look at it)
