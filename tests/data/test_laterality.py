@@ -31,8 +31,9 @@ def test_synapse_and_amos_pair_kidneys_and_adrenals():
 
 def test_name_forms_pair_by_their_remaining_words():
     names = ["background", "kidney_L", "Kidney_R", "left lung", "right lung", "l_adrenal", "R-Adrenal",
-             "femur lt", "femur rt", "lung upper lobe left", "lung upper lobe right", "liver", "lrt"]
-    assert find_laterality(names) == Laterality(((1, 2), (3, 4), (5, 6), (7, 8), (9, 10)))
+             "femur lt", "femur rt", "lung upper lobe left", "lung upper lobe right", "liver", "lrt",
+             "rib_left_1", "rib_right_1", "rib_left_2", "rib_right_2", "segment l 2"]
+    assert find_laterality(names) == Laterality(((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (13, 14), (15, 16)))
 
 
 def test_abbreviations_pair_what_the_names_do_not():

@@ -60,18 +60,20 @@ class Laterality:
 
 
 def _name_side(name: str) -> tuple[str, str] | None:
-    """``("L" | "R", stem)`` when the first or last word of ``name`` is a side word, else None.
+    """``("L" | "R", stem)`` when the first or last word of ``name`` is a side word, or any word is
+    ``left``/``right``; else None.
 
-    ``left kidney``, ``Kidney_L``, ``l_kidney``, ``kidney rt`` -> side and stem ``kidney``.
+    ``left kidney``, ``Kidney_L``, ``l_kidney``, ``kidney rt`` -> side and stem ``kidney``;
+    ``rib_left_1`` -> ``("L", "rib 1")``.
     """
     words = re.findall(r"[a-z0-9]+", name.lower())
     if len(words) < 2:
         return None
-    for position in (0, -1):
+    positions = [0, len(words) - 1] + [i for i, word in enumerate(words) if word in ("left", "right")]
+    for position in positions:
         side = _SIDE_WORDS.get(words[position])
         if side is not None:
-            rest = words[1:] if position == 0 else words[:-1]
-            return side, " ".join(rest)
+            return side, " ".join(words[:position] + words[position + 1:])
     return None
 
 
@@ -98,7 +100,7 @@ def find_laterality(class_names: Sequence[str], class_abbrevs: Sequence[str] | N
     """The left/right pairs among the classes, and the lateral classes without a twin.
 
     Names pair first (``left X``/``right X``, ``X left``/``X right``, ``X_L``/``X_R``, ``l_X``/``r_X``,
-    ``lt``/``rt``, any case), then the abbreviations of classes the names left unpaired (``LK``/``RK``,
+    ``lt``/``rt``, ``X_left_1``/``X_right_1``, any case), then the abbreviations of classes the names left unpaired (``LK``/``RK``,
     ``LAG``/``RAG``). Class 0 (background) is never lateral.
 
     Args:
