@@ -28,7 +28,8 @@ LOGIT_TOLERANCE = 1e-4
 
 
 PREPROCESSING = {"size": [40, 48, 48], "window": [-75.0, 275.0], "patch_size": [32, 32, 32],
-                 "class_names": ["background", "a", "b", "c"], "class_abbrevs": ["BG", "A", "B", "C"]}
+                 "class_names": ["background", "a", "b", "c"], "class_abbrevs": ["BG", "A", "B", "C"],
+                 "lateral_pairs": [[1, 2]], "flips": "laterality"}  # the last two for --tta
 
 
 @pytest.fixture(scope="module")

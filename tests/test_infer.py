@@ -14,7 +14,10 @@ from torch import nn
 
 from skcdf import infer
 from skcdf.cli import main
+from skcdf.checkpoint import load_model, save_checkpoint
 from skcdf.data import layout
+from skcdf.data.laterality import Laterality, find_laterality
+from skcdf.data.preprocess import normalize_intensity
 from skcdf.data.preprocess import resample_to_size
 from skcdf.infer import InferenceSettings, sliding_window_probabilities
 from skcdf.utils import InputError
@@ -130,6 +133,83 @@ def test_tta_averages_the_in_plane_flips_of_each_window(toy):
     plain = sliding_window_probabilities(model_fn, volume, PATCH, (4, 8, 8))
     torch.testing.assert_close(actual, (plain + sum(flipped_runs)) / 4, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(actual, plain)
+
+
+def _swapped(probabilities: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """``probabilities`` (1, K, ...) with channels i and j exchanged, by hand."""
+    order = list(range(probabilities.shape[1]))
+    order[i], order[j] = j, i
+    return probabilities[:, order]
+
+
+@pytest.mark.parametrize("lr_axis", [1, 2])
+def test_laterality_tta_equals_a_naive_loop_with_swaps_by_hand(toy, lr_axis):
+    volume = torch.rand(1, 1, 20, 40, 36, generator=torch.Generator().manual_seed(3))
+    model_fn = infer.model_logits(toy)
+    passes = infer.tta_flips("laterality", lr_axis, Laterality(((1, 2),)))
+    actual = sliding_window_probabilities(model_fn, volume, PATCH, (4, 8, 8), tta=passes)
+    expected = []
+    for dims in [(), (3,), (4,), (3, 4)]:
+        run = naive_probabilities(lambda x, d=dims: model_fn(x.flip(d)).flip(d), volume, PATCH, (4, 8, 8))
+        expected.append(_swapped(run, 1, 2) if lr_axis + 2 in dims else run)
+    torch.testing.assert_close(actual, sum(expected) / 4, rtol=1e-5, atol=1e-6)
+    reference = sliding_window_probabilities(model_fn, volume, PATCH, (4, 8, 8), tta=True)
+    assert (actual - reference).abs().max() > 1e-3  # the swaps matter
+
+
+def test_laterality_tta_skips_the_left_right_flip_of_an_unpaired_class(toy):
+    volume = torch.rand(1, 1, 20, 40, 36, generator=torch.Generator().manual_seed(4))
+    model_fn = infer.model_logits(toy)
+    unpaired = find_laterality(["background", "left lung", "liver"])
+    passes = infer.tta_flips("laterality", 2, unpaired)
+    assert passes == (infer.TtaFlip(), infer.TtaFlip((3,)))
+    actual = sliding_window_probabilities(model_fn, volume, PATCH, (4, 8, 8), tta=passes)
+    plain = naive_probabilities(model_fn, volume, PATCH, (4, 8, 8))
+    flipped_h = naive_probabilities(lambda x: model_fn(x.flip(3)).flip(3), volume, PATCH, (4, 8, 8))
+    torch.testing.assert_close(actual, (plain + flipped_h) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_passes_per_mode():
+    pairs = Laterality(((1, 2),))
+    reference = tuple(infer.TtaFlip(dims) for dims in [(), (3,), (4,), (3, 4)])
+    assert infer.tta_flips("reference", 2, find_laterality(["background", "left lung"])) == reference
+    assert infer.tta_flips("laterality", 0, pairs) == reference  # left-right along D: never flipped
+    swapping = (infer.TtaFlip(), infer.TtaFlip((3,)), infer.TtaFlip((4,), ((1, 2),)), infer.TtaFlip((3, 4), ((1, 2),)))
+    assert infer.tta_flips("laterality", 2, pairs) == infer.tta_flips("none", 2, pairs) == swapping
+
+
+# A direction whose index y runs along x (left-right): array axis H of the (D, H, W) volume.
+H_LEFT_RIGHT = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+LATERAL_PREPROCESSING = {"size": None, "window": [-75.0, 275.0], "patch_size": list(PATCH),
+                         "class_names": ["background", "left lung", "right lung"], "flips": "laterality"}
+
+
+def test_prediction_with_tta_flips_the_scans_own_left_right_axis(toy, tmp_path):
+    image = np.random.default_rng(7).uniform(-200, 300, size=(20, 40, 36)).astype(np.float32)
+    scaled = torch.from_numpy(normalize_intensity(image, [-75.0, 275.0]))[None, None]
+    settings = InferenceSettings(tta=True)
+    passes = infer.tta_flips("laterality", 1, Laterality(((1, 2),)))
+    expected = sliding_window_probabilities(infer.model_logits(toy), scaled, PATCH, tta=passes)[0].argmax(0).numpy()
+    along_h = infer.predict_volume(toy, image, LATERAL_PREPROCESSING, settings, direction=H_LEFT_RIGHT)
+    np.testing.assert_array_equal(along_h, expected)
+    assert (infer.predict_volume(toy, image, LATERAL_PREPROCESSING, settings) != expected).any()  # W: other passes
+    scan = sitk.GetImageFromArray(image)
+    scan.SetDirection(H_LEFT_RIGHT)
+    np.testing.assert_array_equal(infer.predict_scan(toy, scan, LATERAL_PREPROCESSING, settings).labels, expected)
+    geometry = layout.Geometry(tuple(reversed(image.shape)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), H_LEFT_RIGHT)
+    layout.write_case(tmp_path / "set", "c1", image, None, geometry)
+    layout.write_split(tmp_path / "set", "test", ["c1"])
+    infer.predict_dataset(toy, tmp_path / "set", tmp_path / "out", LATERAL_PREPROCESSING, settings)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "c1.nii.gz"))), expected)
+
+
+def test_the_tta_mode_comes_from_the_checkpoint_config(run_folder, tmp_path):
+    run, model = run_folder
+    assert load_model(run)[1]["flips"] == "reference"  # a checkpoint without config: flipped as the reference
+    payload = torch.load(run / "best.pt", weights_only=True)
+    save_checkpoint(tmp_path / "lateral.pt", {**payload, "config": {"flips": "laterality"}})
+    preprocessing = load_model(tmp_path / "lateral.pt")[1]
+    assert preprocessing["flips"] == "laterality" and preprocessing["lateral_pairs"] is None
 
 
 def test_gaussian_blending_weights_overlaps_differently(toy):

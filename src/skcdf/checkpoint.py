@@ -23,7 +23,7 @@ FORMAT = "skcdf-checkpoint"
 #: Preprocessing of the reference implementation (SPEC §5): used for its checkpoints, and as defaults.
 REFERENCE_PREPROCESSING: dict[str, Any] = {
     "size": [80, 160, 160], "window": [-75.0, 275.0], "patch_size": [64, 128, 128],
-    "class_names": None, "class_abbrevs": None,
+    "class_names": None, "class_abbrevs": None, "lateral_pairs": None, "flips": "reference",
 }
 
 
@@ -144,7 +144,9 @@ def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
 
     Returns:
         (model, preprocessing) where preprocessing holds ``size`` (the prepared (D, H, W) or None),
-        ``window`` ([lo, hi] or None), ``patch_size``, ``class_names`` and ``class_abbrevs``.
+        ``window`` ([lo, hi] or None), ``patch_size``, ``class_names``, ``class_abbrevs``,
+        ``lateral_pairs`` (stated in the data set's dataset.json, or None) and ``flips`` (the
+        training configuration's, which TTA follows).
     """
     from skcdf.compat import from_reference_state_dict
 
@@ -154,7 +156,9 @@ def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
         if payload.get("format") == FORMAT:
             model = SKCDFNet(**payload["model_args"])
             model.load_state_dict(payload["model"])
-            preprocessing = {**REFERENCE_PREPROCESSING, **payload.get("preprocessing", {})}
+            # the training flips decide how --tta flips; a checkpoint from before the key flipped as the reference
+            flips = (payload.get("config") or {}).get("flips", "reference")
+            preprocessing = {**REFERENCE_PREPROCESSING, **payload.get("preprocessing", {}), "flips": flips}
         else:
             model = from_reference_state_dict(payload, patch_size=patch_size, num_heads=num_heads)
             preprocessing = {**REFERENCE_PREPROCESSING, "patch_size": list(patch_size)}

@@ -63,7 +63,8 @@ def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | 
     Args:
         model: an SKCDFNet on the CPU (e.g. from :func:`skcdf.checkpoint.load_model`).
         preprocessing: the checkpoint's preprocessing (``size``, ``window``, ``patch_size``,
-            ``class_names``, ``class_abbrevs``), stored in the model's metadata.
+            ``class_names``, ``class_abbrevs``, and where present ``lateral_pairs`` and ``flips``),
+            stored in the model's metadata.
         path: the ``.onnx`` file to write.
         decoder: ``"unlabeled"`` (the paper's inference path) or ``"labeled"``.
 
@@ -95,9 +96,9 @@ def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | 
 def _add_metadata(onnx: Any, path: Path, decoder: str, num_classes: int, preprocessing: Mapping[str, Any]) -> None:
     """Store the preprocessing and the decoder as JSON under the model's ``skcdf`` metadata key."""
     graph = onnx.load(str(path))
-    metadata = {"format": FORMAT, "decoder": decoder, "num_classes": num_classes,
-                "preprocessing": {key: preprocessing.get(key) for key in
-                                  ("size", "window", "patch_size", "class_names", "class_abbrevs")}}
+    kept = {key: preprocessing.get(key) for key in ("size", "window", "patch_size", "class_names", "class_abbrevs")}
+    kept.update({key: preprocessing[key] for key in ("lateral_pairs", "flips") if key in preprocessing})  # for --tta
+    metadata = {"format": FORMAT, "decoder": decoder, "num_classes": num_classes, "preprocessing": kept}
     onnx.helper.set_model_props(graph, {_METADATA_KEY: json.dumps(metadata)})
     onnx.save(graph, str(path))
 

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skcdf.data.classes import SYNAPSE_NAMES
+from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
 from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
 from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
 from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
@@ -51,6 +52,7 @@ __all__ = [
     "Network",
     "PredictionSummary",
     "ScanPrediction",
+    "TtaFlip",
     "case_id_from_path",
     "model_logits",
     "overlap_for_stride",
@@ -63,13 +65,28 @@ __all__ = [
     "predict_scan",
     "predict_volume",
     "sliding_window_probabilities",
+    "tta_flips",
 ]
 
 DEFAULT_STRIDE: tuple[int, int, int] = (16, 32, 32)
 
 
-# Training flips the two in-plane axes (SPEC §2); on a (b, C, D, H, W) tensor those are dims 3 and 4.
-_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))
+# Training flips the two in-plane axes (SPEC §2): array axes 1 and 2 of a (D, H, W) volume.
+_IN_PLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
+
+
+@dataclass(frozen=True)
+class TtaFlip:
+    """One pass of test-time augmentation: windows flipped along ``dims`` of ``(b, C, D, H, W)``
+    (3 = H, 4 = W), then the probabilities flipped back and the channels of each ``swap`` pair
+    exchanged back (a left-right flip under ``laterality`` flips)."""
+
+    dims: tuple[int, ...] = ()
+    swap: Pairs = ()
+
+
+#: The reference's TTA: the four in-plane flips, no channel swaps.
+_TTA_FLIPS: tuple[TtaFlip, ...] = tuple(TtaFlip(tuple(axis + 2 for axis in axes)) for axes in _IN_PLANE_FLIPS)
 
 Decoder = Literal["unlabeled", "labeled"]
 Blend = Literal["constant", "gaussian"]
@@ -88,7 +105,8 @@ class InferenceSettings:
         stride: window step (D, H, W) in voxels; each entry between 1 and the patch size.
         sw_batch_size: windows per forward pass.
         blend: ``"constant"`` (equal weights, as the reference) or ``"gaussian"`` (centre-weighted).
-        tta: also average over the in-plane flips used in training (4 forward passes per window).
+        tta: also average over the in-plane flips used in training (up to 4 forward passes per
+            window), keeping left and right as the checkpoint's ``flips`` mode says (:func:`tta_flips`).
         amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; CPU always runs fp32.
     """
 
@@ -149,6 +167,33 @@ def model_logits(model: nn.Module, decoder: Decoder = "unlabeled") -> Callable[[
     raise ValueError(f"decoder must be 'unlabeled' or 'labeled', got {decoder!r}")
 
 
+def tta_flips(mode: FlipMode, lr_axis: int, laterality: Laterality) -> tuple[TtaFlip, ...]:
+    """The distinct TTA passes for a model trained with flips ``mode``, on a volume whose left-right
+    runs along array axis ``lr_axis`` (0 = D, 1 = H, 2 = W; see :func:`left_right_axis`).
+
+    ``reference``: the four in-plane flips as they are. ``laterality``, and ``none`` (whose model saw
+    no flip, so none should confuse left and right): a pass that flips ``lr_axis`` swaps the pair
+    channels back, and is left out when ``laterality`` has a lateral class without a twin.
+    """
+    rule: FlipMode = "reference" if mode == "reference" else "laterality"
+    passes: list[TtaFlip] = []
+    for axes in _IN_PLANE_FLIPS:
+        kept, swap = flip_plan(rule, axes, lr_axis, laterality)
+        flip = TtaFlip(tuple(axis + 2 for axis in kept), laterality.pairs if swap else ())
+        if flip not in passes:
+            passes.append(flip)
+    return tuple(passes)
+
+
+def _tta_for(preprocessing: Mapping, direction: Sequence[float] | None) -> tuple[TtaFlip, ...]:
+    """The TTA passes of a checkpoint (its ``flips`` mode, class names or ``lateral_pairs``) on a
+    volume with the direction cosines ``direction`` (None: left-right along W)."""
+    names = preprocessing.get("class_names")
+    laterality = find_laterality(names or SYNAPSE_NAMES, preprocessing.get("class_abbrevs") if names else None,
+                                 preprocessing.get("lateral_pairs"))
+    return tta_flips(preprocessing.get("flips") or "reference", left_right_axis(direction), laterality)
+
+
 def sliding_window_probabilities(
     model_fn: Callable[[torch.Tensor], torch.Tensor],
     volume: torch.Tensor,
@@ -156,7 +201,7 @@ def sliding_window_probabilities(
     stride: Sequence[int] = DEFAULT_STRIDE,
     sw_batch_size: int = 4,
     mode: Blend = "constant",
-    tta: bool = False,
+    tta: bool | Sequence[TtaFlip] = False,
     amp: bool = True,
 ) -> torch.Tensor:
     """Softmax probabilities of ``volume``, averaged over sliding windows (MONAI ``sliding_window_inference``).
@@ -173,23 +218,24 @@ def sliding_window_probabilities(
         stride: window step ``(D, H, W)``, see :func:`overlap_for_stride`.
         sw_batch_size: windows per call of ``model_fn``.
         mode: ``"constant"`` or ``"gaussian"`` blending.
-        tta: average each window over the in-plane flips of training (H, W, both, none).
+        tta: average each window over these passes (see :func:`tta_flips`); True: the four
+            in-plane flips of the reference (none, H, W, both), no channel swaps; False: no TTA.
         amp: autocast ``model_fn`` on CUDA (bf16, or fp16 where bf16 is unsupported).
 
     Returns:
         ``(1, K, D, H, W)`` float32 probabilities on ``volume.device``.
     """
     overlap = overlap_for_stride(patch_size, stride)
-    flips = _TTA_FLIPS if tta else ((),)
+    flips = _TTA_FLIPS if tta is True else tuple(tta) if tta else (TtaFlip(),)
     on_cuda = volume.device.type == "cuda"
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
         total = None
-        for dims in flips:
+        for flip in flips:
             with torch.autocast(device_type=volume.device.type, dtype=amp_dtype, enabled=amp and on_cuda):
-                logits = model_fn(_flip(windows, dims))
-            probabilities = _flip(torch.softmax(logits.float(), dim=1), dims)
+                logits = model_fn(_flip(windows, flip.dims))
+            probabilities = _unflip(torch.softmax(logits.float(), dim=1), flip)
             total = probabilities if total is None else total + probabilities
         return total / len(flips)
 
@@ -208,6 +254,15 @@ def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
+def _unflip(probabilities: torch.Tensor, flip: TtaFlip) -> torch.Tensor:
+    """``(b, K, D, H, W)`` probabilities of flipped windows, back in place and with swapped pairs swapped back."""
+    probabilities = _flip(probabilities, flip.dims)
+    if not flip.swap:
+        return probabilities
+    order = torch.from_numpy(class_order(flip.swap, probabilities.shape[1])).to(probabilities.device)
+    return probabilities.index_select(1, order)
+
+
 def _network_logits(model: Network, decoder: Decoder) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device]:
     """The network's ``x (b, 1, D, H, W) -> logits (b, K, D, H, W)`` function and the device its input goes to."""
     if not isinstance(model, nn.Module):  # an ONNX model runs on the CPU through onnxruntime
@@ -218,9 +273,13 @@ def _network_logits(model: Network, decoder: Decoder) -> tuple[Callable[[torch.T
 
 
 def _volume_probabilities(
-    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings
+    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings,
+    direction: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """HU volume ``(D, H, W)`` on the training grid -> probabilities ``(K, D, H, W)`` on the model's device."""
+    """HU volume ``(D, H, W)`` on the training grid -> probabilities ``(K, D, H, W)`` on the model's device.
+
+    ``direction``: the volume's direction cosines (SimpleITK, row-major 3×3), for laterality-keeping TTA.
+    """
     model_fn, device = _network_logits(model, settings.decoder)
     normalized = normalize_intensity(np.asarray(image, dtype=np.float32), preprocessing.get("window"))
     volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device)[None, None]
@@ -231,7 +290,7 @@ def _volume_probabilities(
         stride=settings.stride,
         sw_batch_size=settings.sw_batch_size,
         mode=settings.blend,
-        tta=settings.tta,
+        tta=_tta_for(preprocessing, direction) if settings.tta else False,
         amp=settings.amp,
     )
     return probabilities[0]
@@ -243,7 +302,8 @@ def _argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
 
 
 def predict_volume(
-    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings(),
+    direction: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Label map of a volume that is already on the training grid (e.g. a prepared case).
 
@@ -253,11 +313,13 @@ def predict_volume(
         preprocessing: the checkpoint's ``preprocessing`` dict; uses ``"window"`` (CT window or None)
             and ``"patch_size"``.
         settings: decoder, stride, blending, TTA, AMP.
+        direction: the scan's direction cosines (SimpleITK's row-major 3×3, as in its geometry json),
+            which tell TTA under ``laterality`` flips where left-right runs; None: along W.
 
     Returns:
         ``(D, H, W)`` uint8 labels.
     """
-    return _argmax_labels(_volume_probabilities(model, image, preprocessing, settings))
+    return _argmax_labels(_volume_probabilities(model, image, preprocessing, settings, direction))
 
 
 def _place(array: np.ndarray, grid: Geometry) -> sitk.Image:
@@ -344,8 +406,8 @@ def predict_scan(
     """
     size = preprocessing.get("size")
     network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
-    on_network_grid = _volume_probabilities(
-        model, sitk.GetArrayViewFromImage(network_input), preprocessing, settings).cpu().numpy()
+    on_network_grid = _volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
+                                            settings, network_input.GetDirection()).cpu().numpy()
     if size is None:
         return ScanPrediction(on_network_grid.argmax(0).astype(np.uint8), on_network_grid if probabilities else None)
     geometry = Geometry.of_image(image)
@@ -490,7 +552,8 @@ def predict_dataset(
         if training_size is not None and list(image.shape) != list(training_size):
             warnings.warn(f"{root}: prepared volumes are not of the training size {tuple(training_size)}; "
                           "predicting on the prepared grid as it is", stacklevel=2)
-        probabilities = _volume_probabilities(model, image, preprocessing, settings)
+        probabilities = _volume_probabilities(model, image, preprocessing, settings,
+                                              None if geometry is None else geometry.direction)
         if geometry is None:  # unknown original scan: unit spacing at the origin
             prepared = Geometry(tuple(reversed(image.shape)), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
         else:

@@ -75,7 +75,7 @@ def test_window_clips_before_scaling(dataset_root):
 
 def test_small_case_is_centred_and_padded_with_zeros(dataset_root):
     torch.manual_seed(1)
-    dataset = PatchDataset(dataset_root, ["small"], PATCH, with_labels=True, flips=False)
+    dataset = PatchDataset(dataset_root, ["small"], PATCH, with_labels=True, flips="none")
     item = dataset[0]
     image, label = item["image"][0].numpy(), item["label"].numpy()
     # Depth 5 → rows 1..5 of 8; height 9 → 3..11 of 16; width 30 ≥ 16 is cropped.

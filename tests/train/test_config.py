@@ -61,6 +61,8 @@ def test_yaml_file_and_variant_defaults(tmp_path):
     (["pseudo_label_threshold=1.0"], "pseudo_label_threshold must be null or lie in"),
     (["pseudo_label_threshold=high"], "pseudo_label_threshold must be a finite number"),
     (["inference_decoder=both"], "inference_decoder must be"),
+    (["flips=lr"], "flips must be one of reference, laterality, none, got 'lr'"),
+    (["flips=true"], "flips must be one of reference, laterality, none, got True"),
     (["device=tpu"], "device must be"),
     (["amp=maybe"], "amp must be true, false or auto"),
     (["channels_last=1"], "channels_last must be true, false or auto"),
@@ -69,6 +71,12 @@ def test_yaml_file_and_variant_defaults(tmp_path):
 def test_bad_configurations_are_clear_errors(overrides, message):
     with pytest.raises(InputError, match=message):
         load_config("synapse_20p", overrides)
+
+
+def test_flips_default_to_the_reference_and_take_three_modes():
+    assert DEFAULTS["flips"] == "reference"
+    for mode in ("reference", "laterality", "none"):
+        assert load_config("phantom", [f"flips={mode}"])["flips"] == mode
 
 
 def test_hardware_settings_auto_means_on_for_cuda_only():

@@ -10,6 +10,7 @@ import yaml
 
 from skcdf.checkpoint import load_checkpoint, load_model
 from skcdf.cli import main
+from skcdf.data.laterality import Laterality
 from skcdf.nn import SKCDFNet
 from skcdf.train import trainer
 from skcdf.train.config import VARIANTS
@@ -104,12 +105,34 @@ def test_each_stream_draws_batches_of_its_own_size(tiny_phantom):
     # the unlabeled stream carries labels (for the pseudo-label monitor) but keeps batch_unlabeled
     from skcdf.data.layout import read_split
 
-    config = tiny_config(batch_labeled=1, batch_unlabeled=2)
+    config = tiny_config(batch_labeled=1, batch_unlabeled=2, flips="laterality")
+    laterality = Laterality(((2, 3),))
     for stream, split, batch in (("labeled", "labeled_40p", 1), ("unlabeled", "unlabeled_40p", 2)):
-        loader, generators = trainer._make_stream(tiny_phantom, read_split(tiny_phantom, split), config, None, True,
-                                                  stream, trainer.Processes(), False)
+        loader, generators = trainer._make_stream(tiny_phantom, read_split(tiny_phantom, split), config, None,
+                                                  laterality, True, stream, trainer.Processes(), False)
         assert next(iter(loader))["image"].shape[0] == batch and set(generators) == {f"{stream}_order",
                                                                                      f"{stream}_workers"}
+        assert (loader.dataset.flips, loader.dataset.laterality) == ("laterality", laterality)
+
+
+@pytest.mark.parametrize("mode", ["reference", "laterality", "none"])
+def test_both_streams_flip_as_configured_with_the_data_sets_pairs(tiny_phantom, tmp_path, monkeypatch, mode):
+    made = []
+    monkeypatch.setattr(trainer, "_make_stream", lambda *args: made.append(args) or (None, {}))
+    run = trainer._set_up(tiny_config(flips=mode), tiny_phantom, tmp_path / "run", False, trainer.Processes())
+    run.writer.close()
+    trainer._close_log(run.log)
+    synapse_pairs = Laterality(((2, 3), (12, 13)))
+    assert [(args[2]["flips"], args[4], args[5], args[6]) for args in made] == [
+        (mode, synapse_pairs, True, "labeled"), (mode, synapse_pairs, True, "unlabeled")]  # the phantom's unlabeled cases have labels
+
+
+def test_a_run_from_before_the_flips_key_resumes(tmp_path):
+    config = tiny_config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "flips"}))
+    assert trainer._check_run_folder(tmp_path, config, resume=True) is False  # accepted: no last.pt yet
+    with pytest.raises(InputError, match="flips: 'reference' -> 'laterality'"):
+        trainer._check_run_folder(tmp_path, {**config, "flips": "laterality"}, resume=True)
 
 
 def test_checkpoints_are_written_off_the_training_thread(tiny_phantom, tmp_path, monkeypatch):

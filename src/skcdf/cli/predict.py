@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="DICOM folder: the SeriesInstanceUID to predict (default: the series with the most slices)")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="DICOM series: also write OUTPUT/<id>.seg.dcm, a DICOM Segmentation referencing the series")
-    parser.add_argument("--tta", action="store_true", help="average over the in-plane flips used in training (4x slower)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average over the in-plane flips used in training, keeping left and right as the "
+                             "checkpoint's flips mode says (up to 4x slower)")
     parser.add_argument("--gaussian", action="store_true", help="Gaussian window weighting instead of equal weights")
     parser.add_argument("--stride", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                         help="window step in voxels (default: 16 32 32)")

@@ -6,6 +6,7 @@
 - :mod:`skcdf.data.splits`      seeded train/eval/test and labeled/unlabeled splits
 - :mod:`skcdf.data.prepare`     ``skcdf prepare``: raw folder → prepared layout
 - :mod:`skcdf.data.loaders`     PyTorch datasets for training (random patches) and validation (centre crops)
+- :mod:`skcdf.data.laterality`  left/right class pairs and the left-right axis, for flips that keep laterality
 - :mod:`skcdf.data.stats`       class voxel counts and the fractions table
 - :mod:`skcdf.data.phantom`     ``skcdf phantom``: the synthetic abdominal CT data set
 """

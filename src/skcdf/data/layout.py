@@ -2,7 +2,7 @@
 
 ::
 
-    ROOT/dataset.json              name, classes, prepared size, CT window, modality
+    ROOT/dataset.json              name, classes, prepared size, CT window, modality, lateral pairs (optional)
     ROOT/npy/<id>_image.npy        float32 (D, H, W), intensities in HU (not windowed)
     ROOT/npy/<id>_label.npy        uint8 (D, H, W), values 0..K-1; absent for unlabeled-only cases
     ROOT/npy/<id>_geometry.json    the original scan's geometry, so predictions can be put back in it
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from skcdf.data.classes import CT_WINDOW, SYNAPSE_ABBREVS, SYNAPSE_NAMES, abbreviate
+from skcdf.data.laterality import check_lateral_pairs
 from skcdf.utils import InputError, atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
     """The data set's ``dataset.json`` (keys of INTERFACES.md), checked and completed.
 
     A bare reference-implementation folder without ``dataset.json`` gets Synapse's 14 classes and the
-    CT window (-75, 275), with a warning.
+    CT window (-75, 275), with a warning. ``lateral_pairs`` is None unless dataset.json states the
+    left/right class pairs (see :mod:`skcdf.data.laterality`).
 
     Raises:
         InputError: the folder is missing, or dataset.json is unreadable or inconsistent.
@@ -113,7 +115,8 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
         volume_dir(root)  # fails clearly when this is not a data set at all
         warnings.warn(f"{root}: no dataset.json; assuming Synapse's 14 classes and CT window {CT_WINDOW}", stacklevel=2)
         return {"name": root.name, "num_classes": len(SYNAPSE_NAMES), "class_names": list(SYNAPSE_NAMES),
-                "class_abbrevs": list(SYNAPSE_ABBREVS), "size": None, "window": list(CT_WINDOW), "modality": "CT"}
+                "class_abbrevs": list(SYNAPSE_ABBREVS), "size": None, "window": list(CT_WINDOW), "modality": "CT",
+                "lateral_pairs": None}
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -139,10 +142,12 @@ def _checked_info(info: object, path: Path) -> dict:
     size = info.get("size")
     if size is not None and (len(size) != 3 or min(size) < 1):
         raise InputError(f"{path}: 'size' must be null or [D, H, W], not {size}")
+    pairs = check_lateral_pairs(info.get("lateral_pairs"), len(names), path)
     return {"name": str(info.get("name", path.parent.name)), "num_classes": len(names), "class_names": names,
             "class_abbrevs": list(abbrevs), "size": None if size is None else [int(n) for n in size],
             "window": None if window is None else [float(w) for w in window],
-            "modality": str(info.get("modality", "CT"))}
+            "modality": str(info.get("modality", "CT")),
+            "lateral_pairs": None if pairs is None else [list(pair) for pair in pairs]}
 
 
 def volume_dir(root: str | os.PathLike) -> Path:
@@ -265,12 +270,14 @@ def load_geometry(root: str | os.PathLike, case_id: str) -> Geometry | None:
 
 def dataset_info(name: str, class_names: Sequence[str], size: Sequence[int] | None,
                  window: Sequence[float] | None, modality: str = "CT",
-                 class_abbrevs: Sequence[str] | None = None) -> dict:
-    """A ``dataset.json`` dictionary (keys of INTERFACES.md)."""
+                 class_abbrevs: Sequence[str] | None = None,
+                 lateral_pairs: Sequence[Sequence[int]] | None = None) -> dict:
+    """A ``dataset.json`` dictionary (keys of INTERFACES.md); ``lateral_pairs`` None: found from the names."""
     return {"name": name, "num_classes": len(class_names), "class_names": list(class_names),
             "class_abbrevs": list(class_abbrevs or abbreviate(class_names)),
             "size": None if size is None else [int(n) for n in size],
-            "window": None if window is None else [float(w) for w in window], "modality": modality}
+            "window": None if window is None else [float(w) for w in window], "modality": modality,
+            "lateral_pairs": None if lateral_pairs is None else [[int(i), int(j)] for i, j in lateral_pairs]}
 
 
 def write_dataset_info(root: str | os.PathLike, info: dict) -> None:

@@ -3,7 +3,8 @@
 Each item is one case: the whole volume is normalised (CT window clip, then min-max to [0, 1] per
 volume), a patch is cut out (random for training, central for validation; a volume smaller than the
 patch is centred in it and padded with 0 in image and label), and training patches are flipped
-along H and W with probability 0.5 each.
+along H and W with probability 0.5 each: as drawn (``flips="reference"``), keeping left and right
+(``"laterality"``: see :mod:`skcdf.data.laterality`), or not at all (``"none"``).
 
 Randomness comes from torch's generator only (``torch.randint``/``torch.rand``), which a DataLoader
 seeds per worker from its own ``generator``: a seeded DataLoader reproduces its batches exactly (for
@@ -25,7 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from skcdf.data.classes import CT_WINDOW
-from skcdf.data.layout import load_image, load_label
+from skcdf.data.laterality import FLIP_MODES, FlipMode, Laterality, flip_plan, left_right_axis, swap_labels
+from skcdf.data.layout import load_geometry, load_image, load_label
 from skcdf.data.preprocess import intensity_range, normalize_intensity, scale_intensity
 from skcdf.data.stats import class_voxel_counts
 from skcdf.utils import InputError
@@ -52,6 +54,12 @@ def crop_region(shape: Sequence[int], patch_size: Sequence[int], starts: Sequenc
             source.append(slice(0, size))
             destination.append(slice(before, before + size))
     return tuple(source), tuple(destination)
+
+
+def _case_left_right_axis(root: Path, case_id: str) -> int:
+    """The array axis of the case's volume along the patient's left-right, from its geometry json (W without one)."""
+    geometry = load_geometry(root, case_id)
+    return left_right_axis(None if geometry is None else geometry.direction)
 
 
 class _CaseVolumes(Dataset):
@@ -93,8 +101,12 @@ class _CaseVolumes(Dataset):
     def _image_file(self, index: int) -> np.ndarray:
         return load_image(self.root, self.case_ids[index], mmap=True)
 
-    def _patch(self, index: int, starts: Sequence[int], flip_axes: Sequence[int]) -> dict:
-        """The item: image (1, D, H, W) float32, label (D, H, W) int64 if labeled, case id."""
+    def _patch(self, index: int, starts: Sequence[int], flip_axes: Sequence[int],
+               swap: tuple[tuple[int, int], ...] = ()) -> dict:
+        """The item: image (1, D, H, W) float32, label (D, H, W) int64 if labeled, case id.
+
+        The patch is flipped along ``flip_axes``; the labels of each ``swap`` pair are then exchanged.
+        """
         source, destination = crop_region(self.volume_shape(index), self.patch_size, starts)
         image = np.zeros(self.patch_size, dtype=np.float32)
         if self.cache:
@@ -106,7 +118,8 @@ class _CaseVolumes(Dataset):
         if self.with_labels:
             label = np.zeros(self.patch_size, dtype=np.int64)
             label[destination] = self._labels[index][source]
-            item["label"] = torch.from_numpy(np.flip(label, flip_axes).copy())
+            label = np.flip(label, flip_axes)
+            item["label"] = torch.from_numpy(swap_labels(label, swap) if swap else label.copy())
         return item
 
 
@@ -121,15 +134,28 @@ class PatchDataset(_CaseVolumes):
         patch_size: (D, H, W) of the patch.
         with_labels: include label patches (labeled cases only).
         window: CT window (low, high) to clip to before scaling; None for no clipping (MRI).
-        flips: random flips along H and W (each with p = 0.5).
+        flips: random flips along H and W (each drawn with p = 0.5): ``"reference"`` applies them as
+            drawn; ``"laterality"`` swaps the labels of ``laterality.pairs`` when the case's left-right
+            axis (from its geometry json, W without one) is flipped, and never flips that axis when
+            ``laterality`` has a lateral class without a twin; ``"none"`` applies none.
+        laterality: the data set's left/right classes; needed for ``"laterality"``.
         cache: keep normalised volumes in memory (True) or memory-map the .npy files (False).
     """
 
     def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
-                 with_labels: bool, window: Sequence[float] | None = CT_WINDOW, flips: bool = True,
-                 cache: bool = True) -> None:
+                 with_labels: bool, window: Sequence[float] | None = CT_WINDOW, flips: FlipMode = "reference",
+                 laterality: Laterality | None = None, cache: bool = True) -> None:
         super().__init__(root, case_ids, patch_size, with_labels=with_labels, window=window, cache=cache)
+        if flips not in FLIP_MODES:
+            raise ValueError(f"flips must be one of {', '.join(FLIP_MODES)}, got {flips!r}")
+        if flips == "laterality" and laterality is None:
+            raise ValueError("flips='laterality' needs the data set's laterality "
+                             "(skcdf.data.laterality.find_laterality)")
         self.flips = flips
+        self.laterality = laterality or Laterality()
+        # per case: the array axis along the patient's left-right (only laterality flips look at it)
+        self._lr_axes = [_case_left_right_axis(self.root, case_id) if flips == "laterality" else 2
+                         for case_id in self.case_ids]
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         """Item ``index``, its crop and flips drawn from torch's global generator; or, for an
@@ -141,9 +167,10 @@ class PatchDataset(_CaseVolumes):
             generator = torch.Generator().manual_seed(seed)
         starts = [int(torch.randint(0, max(size - patch, 0) + 1, (), generator=generator))
                   for size, patch in zip(self.volume_shape(index), self.patch_size)]
-        flip_axes = ([axis for axis, flip in zip((1, 2), torch.rand(2, generator=generator) < 0.5) if flip]
-                     if self.flips else [])
-        return self._patch(index, starts, flip_axes)
+        # drawn in every mode, so that the random stream does not depend on it
+        drawn = [axis for axis, flip in zip((1, 2), torch.rand(2, generator=generator) < 0.5) if flip]
+        flip_axes, swap = flip_plan(self.flips, drawn, self._lr_axes[index], self.laterality)
+        return self._patch(index, starts, flip_axes, self.laterality.pairs if swap else ())
 
 
 class CenterCropDataset(_CaseVolumes):

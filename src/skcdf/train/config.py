@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from skcdf.data.laterality import FLIP_MODES
 from skcdf.train.knowledge_transfer import parse_ema_order
 from skcdf.train.losses import BALANCE_MODES
 from skcdf.utils import InputError
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "num_heads": 2,
     "dropout": True,
     # data
+    "flips": "reference",  # reference | laterality | none (training patches; --tta follows it)
     "labeled_split": "labeled_20p",
     "unlabeled_split": "unlabeled_20p",
     "train_split": "train",
@@ -236,6 +238,8 @@ def resolve_config(config: dict[str, Any], source: str = "configuration") -> dic
     if not (frequency in ("labeled", "train") or (isinstance(frequency, list) and all(
             isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0 for n in frequency))):
         raise _fail(source, "class_frequency", "must be 'labeled', 'train' or a list of K voxel counts >= 0", frequency)
+    if config["flips"] not in FLIP_MODES:
+        raise _fail(source, "flips", f"must be one of {', '.join(FLIP_MODES)}", config["flips"])
     if config["inference_decoder"] not in ("unlabeled", "labeled"):
         raise _fail(source, "inference_decoder", "must be 'unlabeled' or 'labeled'", config["inference_decoder"])
     for key in _SPLIT_KEYS:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from skcdf.checkpoint import CheckpointWriter
+from skcdf.data.laterality import Laterality, find_laterality
 from skcdf.train.balance import class_keep_probabilities, smallest_classes, unlabeled_keep_probabilities
 from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, hardware_settings, step_kind, to_yaml
 from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
@@ -149,9 +150,13 @@ def shards_labeled_cases(num_labeled: int, batch_labeled: int, world: int) -> bo
     return num_labeled // world >= batch_labeled
 
 
-def _make_stream(root: Path, cases: list[str], config: dict, window: Any, with_labels: bool,
-                 stream: str, procs: Processes, pin_memory: bool) -> tuple[DataLoader, dict[str, torch.Generator]]:
+def _make_stream(root: Path, cases: list[str], config: dict, window: Any, laterality: Laterality,
+                 with_labels: bool, stream: str, procs: Processes,
+                 pin_memory: bool) -> tuple[DataLoader, dict[str, torch.Generator]]:
     """Training loader of random patches; returns it with the generators that determine it.
+
+    Patches are flipped as ``config["flips"]`` says, with the data set's ``laterality`` (labels too,
+    where the unlabeled stream carries them for the monitor).
 
     The unlabeled stream, and the labeled one where it has enough cases, is sharded: every rank draws
     the same permutation per pass and takes its share. A labeled stream too small to shard is drawn
@@ -170,7 +175,7 @@ def _make_stream(root: Path, cases: list[str], config: dict, window: Any, with_l
     # the DataLoader's own seed draws (its workers' base seed) come from here, not from the global generator
     workers = torch.Generator().manual_seed(_stream_seed(config["seed"], stream, procs.rank))
     dataset = PatchDataset(root, cases, tuple(config["patch_size"]), with_labels=with_labels,
-                           window=window, flips=True)
+                           window=window, flips=config["flips"], laterality=laterality)
     # persistent workers: starting them anew for every pass (4 per epoch for 4 labeled cases at 2 per
     # step) cost more than loading the batches (measured, docs/performance.md)
     loader = DataLoader(dataset, batch_size=batch, drop_last=True, num_workers=config["num_workers"],
@@ -236,8 +241,9 @@ def _check_run_folder(out: Path, config: dict, resume: bool) -> bool:
             raise InputError(f"{out}: the folder is not empty and holds no skcdf run (no config.yaml); choose another --out")
         return False
     previous = yaml.safe_load(config_file.read_text()) or {}
-    changed = [f"{key}: {previous.get(key)!r} -> {config.get(key)!r}" for key in DEFAULTS
-               if key not in RUNTIME_KEYS and previous.get(key) != config.get(key)]
+    # a key added since that run was written has its default there (the behaviour before the key existed)
+    changed = [f"{key}: {previous.get(key, DEFAULTS[key])!r} -> {config.get(key)!r}" for key in DEFAULTS
+               if key not in RUNTIME_KEYS and previous.get(key, DEFAULTS[key]) != config.get(key)]
     if changed:
         raise InputError(f"{out}: holds a run with a different configuration ({'; '.join(changed)}); "
                          "choose another --out")
@@ -449,13 +455,15 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
 
     window = info.get("window")
     pin = device.type == "cuda"
-    labeled_loader, generators = _make_stream(root, labeled_cases, config, window, True, "labeled", procs, pin)
+    laterality = find_laterality(info["class_names"], info["class_abbrevs"], info["lateral_pairs"])
+    labeled_loader, generators = _make_stream(root, labeled_cases, config, window, laterality, True, "labeled",
+                                              procs, pin)
     unlabeled_loader, unlabeled_has_labels = None, False
     if semi:
         # The unlabeled cases' labels, where the data set has them, feed only the pseudo-label monitor.
         unlabeled_has_labels = all(has_label(root, case) for case in unlabeled_cases)
         unlabeled_loader, unlabeled_generators = _make_stream(
-            root, unlabeled_cases, config, window, unlabeled_has_labels, "unlabeled", procs, pin)
+            root, unlabeled_cases, config, window, laterality, unlabeled_has_labels, "unlabeled", procs, pin)
         generators.update(unlabeled_generators)
     val_loader = None
     if val_cases:
@@ -470,7 +478,8 @@ def _set_up(config: dict[str, Any], root: Path, out: Path, resume: bool, procs: 
         config=config, out=out, procs=procs, device=device, num_classes=num_classes, class_abbrevs=class_abbrevs,
         small_classes=smallest_classes(counts),
         preprocessing={"size": info.get("size"), "window": window, "patch_size": list(config["patch_size"]),
-                       "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"])},
+                       "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"]),
+                       "lateral_pairs": info["lateral_pairs"]},
         model=model, step_module=_wrap_step_module(model, config, semi, procs, device), optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and amp_dtype == torch.float16),
         amp=hardware["amp"], amp_dtype=amp_dtype, channels_last=hardware["channels_last"],
