@@ -91,8 +91,8 @@ def test_epoch_pace_is_read_from_the_training_log_without_the_first_epoch(tmp_pa
 def test_the_timed_trial_trains_both_runs_and_leaves_nothing(tmp_path, tiny_phantom, monkeypatch):
     monkeypatch.setattr(demo, "TRIAL_EPOCHS", 2)
     ticks = iter([100.0, 130.0])  # an injected clock: the trial took 30 s
-    trial = demo._time_trial(tmp_path, tiny_phantom, ["device=cpu", "labeled_split=labeled_40p",
-                                                      "unlabeled_split=unlabeled_40p"], jobs=1, clock=lambda: next(ticks))
+    settings = ["device=cpu", "labeled_split=labeled_40p", "unlabeled_split=unlabeled_40p"]
+    trial = demo._time_trial(tmp_path, tiny_phantom, settings, jobs=1, clock=lambda: next(ticks))
     assert trial.seconds == 30.0
     assert 0 < trial.seconds_per_epoch < 30.0  # from the runs' logs (one after the other: their sum)
     assert not (tmp_path / "trial").exists()
