@@ -79,3 +79,10 @@ def test_parallel_ablation_trains_in_worker_processes(tiny_phantom, tmp_path):
         assert (tmp_path / name / "seed0" / "last.pt").is_file()
         assert (tmp_path / name / "seed0" / "eval-unlabeled" / "summary.json").is_file()
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+    # the paired comparison: + DF against labeled-only, over the test cases, one line per group of classes
+    with (tmp_path / "comparison.csv").open() as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(line["method_b"], line["method_a"], line["group"]) for line in lines] == [
+        ("+ DF", "Labeled only (VNet)", group) for group in ("all", "large", "small")]
+    assert lines[2]["classes"].split() == ["Ga", "Es", "PSV", "Pa", "RAG", "LAG"]  # the phantom's smallest
+    assert "| + DF vs Labeled only (VNet) | all classes |" in (tmp_path / "comparison.md").read_text()

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from skcdf.utils import atomic_write_text
+from skcdf.compare import Method, compare_to_reference, write_comparison
+from skcdf.utils import InputError, atomic_write_text
 
 #: Table 3 rows, in the paper's order, and the two references of SPEC §3.
 TABLE3_VARIANTS = ("baseline", "df", "df_skcm", "df_absh", "full")
@@ -112,6 +113,8 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
 
     ``overrides`` are ``key=value`` settings applied to every run (e.g. ``epochs=20``). ``jobs`` > 1
     trains that many runs side by side in worker processes; evaluation follows in this process.
+    Also writes ``OUT/comparison.md`` and ``OUT/comparison.csv``: every row against labeled-only,
+    paired over the test cases and seeds (:func:`write_ablation_comparison`).
     """
     from skcdf.report import aggregate, load_summary, render_table
 
@@ -138,7 +141,7 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     for row in rows:
         summaries = [load_summary(evaluations[row.run_name, row.decoder, seed] / "summary.json") for seed in seeds]
         table_rows.append((row.title, aggregate(summaries)))
-        variant = row.run_name + ("" if row.decoder == "unlabeled" else f"@{row.decoder}-decoder")
+        variant = variant_name(row.run_name, row.decoder)
         for seed, summary in zip(seeds, summaries):
             lines.append([variant, seed, trained_iterations(out / row.run_name / f"seed{seed}"), summary["split"],
                           f"{summary['average']['dice']:.4f}", *(f"{d:.4f}" for d in summary["per_class"]["dice"])])
@@ -152,7 +155,44 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     writer.writerow(["variant", "seed", "iterations", "split", "mean_dice", *summaries[0]["class_abbrevs"]])
     writer.writerows(lines)
     atomic_write_text(Path(csv_path) if csv_path else out / "ablation.csv", buffer.getvalue())
+    methods = {variant_name(row.run_name, row.decoder):
+               Method(row.title, {f"seed{seed}": evaluations[row.run_name, row.decoder, seed] for seed in seeds})
+               for row in rows}
+    write_ablation_comparison(out, methods, data)
     return table
+
+
+def variant_name(run_name: str, decoder: str) -> str:
+    """A row's name in ablation.csv: its run, with ``@<decoder>-decoder`` for a decoder other than D_u."""
+    return run_name + ("" if decoder == "unlabeled" else f"@{decoder}-decoder")
+
+
+def ablation_methods(out: str | Path) -> dict[str, Method]:
+    """The evaluations found in an ablation folder, ``OUT/<run>/seed<S>/eval-<decoder>/``: one method per
+    run and decoder, keyed by :func:`variant_name` and named as in their summary.json."""
+    from skcdf.report import load_summary
+
+    found: dict[str, dict[str, Path]] = {}
+    for summary in sorted(Path(out).glob("*/seed*/eval-*/summary.json")):
+        evaluation = summary.parent
+        variant = variant_name(evaluation.parent.parent.name, evaluation.name.removeprefix("eval-"))
+        found.setdefault(variant, {})[evaluation.parent.name] = evaluation
+    if not found:
+        raise InputError(f"{out}: no ablation evaluations in it (OUT/<run>/seed<S>/eval-<decoder>/summary.json)")
+    return {variant: Method(load_summary(next(iter(seeds.values())) / "summary.json")["name"], seeds)
+            for variant, seeds in found.items()}
+
+
+def write_ablation_comparison(out: Path, methods: dict[str, Method], data: str | Path | None = None) -> Path:
+    """``OUT/comparison.md`` and ``.csv``: every method against labeled-only when there is one (else the
+    first), paired over the test cases of the seeds both ran. Class groups from ``data`` (see
+    :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
+    reference_key = "labeled_only" if "labeled_only" in methods else next(iter(methods))
+    reference = methods[reference_key]
+    others = [method for key, method in methods.items() if key != reference_key]
+    rows = compare_to_reference(reference, others, data)
+    heading = f"# Paired comparison against {reference.name} (`{Path(out)}`)"
+    return write_comparison(out, rows, heading)
 
 
 def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:

@@ -2,17 +2,21 @@
 
 phantom → train SKCDF and, beside it, the labeled-only VNet (`phantom_tiny` preset, same budget) →
 predict the held-out test cases → evaluate → a per-class table of both in the paper's layout, an
-overlay PNG, training curves, and ``report.md`` linking them. Every stage reuses what an earlier,
+overlay PNG, training curves, and ``report.md`` linking them, with the paired comparison of the two
+runs over the test cases (:mod:`skcdf.compare`). Every stage reuses what an earlier,
 interrupted demo in the same folder left, so running the same command again resumes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +25,9 @@ from skcdf.utils import atomic_write_text
 #: The demo's training configuration (a preset) and the phantom it is sized for.
 PRESET = "phantom_tiny"
 PHANTOM_SHAPE = (32, 48, 48)
-#: Minutes of training the preset's epoch count was sized for (2 CPU cores, see README).
-PRESET_MINUTES = 7.0
-#: Epochs of the timed trial that sizes the budget on a GPU (or any device but the CPU).
+#: Default budget in minutes for the training, the timed trial included (2 CPU cores: see README).
+DEFAULT_MINUTES = 7.0
+#: Epochs of the timed trial that sizes the training to the budget.
 TRIAL_EPOCHS = 4
 
 
@@ -31,47 +35,74 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def _scaled_epochs(preset_epochs: int, minutes: float) -> int:
-    """The preset's epochs scaled to a training budget of ``minutes``."""
-    return max(1, round(preset_epochs * minutes / PRESET_MINUTES))
+@dataclass(frozen=True)
+class Trial:
+    """What the timed trial measured: its whole wall-clock time, start-up included, and the pace of
+    the runs once they are going (seconds per epoch of both runs, side by side or one after the other)."""
+
+    seconds: float
+    seconds_per_epoch: float
 
 
-def planned_epochs(out: Path, minutes: float, device_type: str, preset_epochs: int,
-                   seconds_per_epoch: Callable[[], float]) -> int:
-    """Epochs each of the demo's runs trains.
+def epochs_in_budget(minutes: float, trial: Trial) -> int:
+    """Epochs of the real runs that fit in ``minutes`` after the trial (at least 1).
 
-    On the CPU: the preset's epochs scaled by ``minutes`` (the preset is sized for 2 cores). On a GPU
-    the same minutes go further: ``seconds_per_epoch()`` times a short trial of both runs side by
-    side, and the runs get as many epochs as fit in ``minutes`` at that pace (the trial's start-up
-    counts, so the estimate errs short). The measured plan is saved as OUT/plan.json, so a resumed
-    demo trains to the same length.
+    The trial's time is spent from the budget, and the real runs pay its start-up again: everything
+    the trial took beyond TRIAL_EPOCHS epochs at the measured pace (process start, data loading and
+    the first, slow epoch). Counting the first epoch twice, and the trial at all, errs short.
     """
-    if device_type == "cpu":
-        return _scaled_epochs(preset_epochs, minutes)
+    start_up = max(0.0, trial.seconds - TRIAL_EPOCHS * trial.seconds_per_epoch)
+    left = minutes * 60 - trial.seconds - start_up
+    return max(1, int(left / trial.seconds_per_epoch))
+
+
+def planned_epochs(out: Path, minutes: float, device_type: str, trial: Callable[[], Trial]) -> int:
+    """Epochs each of the demo's runs trains, on any device: ``trial()`` times a short run of both
+    (:func:`_time_trial`) and :func:`epochs_in_budget` fills ``minutes`` at that pace. The plan is
+    saved as OUT/plan.json, so a resumed demo trains to the same length without a second trial."""
     plan = out / "plan.json"
     if plan.is_file():
         return int(json.loads(plan.read_text())["epochs"])
-    per_epoch = seconds_per_epoch()
-    epochs = max(1, int(minutes * 60 / per_epoch))
-    atomic_write_text(plan, json.dumps({"device": device_type, "minutes": minutes,
-                                        "seconds_per_epoch": per_epoch, "epochs": epochs}) + "\n")
+    timing = trial()
+    epochs = epochs_in_budget(minutes, timing)
+    atomic_write_text(plan, json.dumps({"device": device_type, "minutes": minutes, "trial_seconds": timing.seconds,
+                                        "seconds_per_epoch": timing.seconds_per_epoch, "epochs": epochs}) + "\n")
     return epochs
 
 
-def _time_trial(out: Path, data: Path, settings: list[str], jobs: int) -> float:
-    """Seconds per epoch of both runs trained side by side for TRIAL_EPOCHS (the trial is deleted)."""
+_EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) epoch (\d+):", re.MULTILINE)
+
+
+def epoch_pace(log: Path) -> float | None:
+    """Seconds per epoch of a run from its train.log: from the first epoch's line to the last (the
+    first epoch, which warms up, is left out). None with fewer than two epochs logged."""
+    lines = _EPOCH_LINE.findall(log.read_text()) if log.is_file() else []
+    if len(lines) < 2:
+        return None
+    (first_time, first), (last_time, last) = lines[0], lines[-1]
+    clock = (lambda stamp: datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp())
+    return (clock(last_time) - clock(first_time)) / (int(last) - int(first))
+
+
+def _time_trial(out: Path, data: Path, settings: list[str], jobs: int,
+                clock: Callable[[], float] = time.monotonic) -> Trial:
+    """Train both runs for TRIAL_EPOCHS the way the demo will (side by side when ``jobs`` > 1) and time
+    them (the trial is deleted). The pace comes from the runs' logs; without it, the whole trial's."""
     from skcdf.ablate import train_runs
 
-    _log(f"2/5 train: timing {TRIAL_EPOCHS} epochs of both runs to size their budget")
+    _log(f"2/5 train: timing {TRIAL_EPOCHS} epochs of both runs to fit the training in the budget")
     trial = out / "trial"
     shutil.rmtree(trial, ignore_errors=True)
     todo = {trial / variant: [*settings, f"variant={variant}", f"epochs={TRIAL_EPOCHS}", "val_every=0"]
             for variant in VARIANTS}
-    started = time.monotonic()
+    started = clock()
     train_runs(PRESET, data, todo, jobs)
-    seconds = (time.monotonic() - started) / TRIAL_EPOCHS
+    seconds = clock() - started
+    paces = [epoch_pace(run / "train.log") for run in todo]
     shutil.rmtree(trial)
-    return seconds
+    if None in paces:
+        return Trial(seconds, seconds / TRIAL_EPOCHS)
+    return Trial(seconds, max(paces) if jobs > 1 else sum(paces))
 
 
 #: The demo's two runs: the method, and the same network trained on the labeled cases alone.
@@ -79,15 +110,14 @@ VARIANTS = {"full": ("SKCDF (phantom)", "run", "eval"),
             "labeled_only": ("Labeled only (phantom)", "run-labeled-only", "eval-labeled-only")}
 
 
-def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed: int = 0,
+def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, seed: int = 0,
              device: str = "auto") -> Path:
     """Run the demo into ``out`` and return the path of its ``report.md``.
 
     SKCDF and the labeled-only VNet train side by side for the same number of iterations (each on
     one CPU core, or together on one GPU), then both predict and are evaluated on the test cases.
-    ``minutes`` is the training budget: on the CPU it scales the preset's epochs (sized for 2 cores);
-    on a GPU a timed trial sizes the epochs to fill it (see :func:`planned_epochs`). ``seed`` seeds
-    the phantom and the training runs.
+    ``minutes`` is the training budget, a timed trial included: on any device the trial sizes the
+    epochs to fill it (see :func:`planned_epochs`). ``seed`` seeds the phantom and the training runs.
     """
     from skcdf.ablate import train_runs
     from skcdf.checkpoint import load_model
@@ -96,7 +126,6 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     from skcdf.data.phantom import generate_phantom
     from skcdf.infer import predict_dataset
     from skcdf.metrics import evaluate_folders, read_label_file
-    from skcdf.train.config import load_config
     from skcdf.train.trainer import resolve_device
     from skcdf.viz import overlay_png, plot_curves
 
@@ -113,11 +142,10 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     device_type = resolve_device(device).type
     jobs = len(VARIANTS) if available_cores() >= len(VARIANTS) or device_type != "cpu" else 1
     settings = [f"seed={seed}", f"device={device}"]
-    epochs = planned_epochs(out, minutes, device_type, load_config(PRESET)["epochs"],
-                            lambda: _time_trial(out, data, settings, jobs))
+    epochs = planned_epochs(out, minutes, device_type, lambda: _time_trial(out, data, settings, jobs))
     todo = {out / folder: [*settings, f"epochs={epochs}", f"variant={variant}"]
             for variant, (_, folder, _) in VARIANTS.items()}
-    budget = f"about {minutes:g} min on 2 CPU cores" if device_type == "cpu" else f"{minutes:g} min on {device_type}"
+    budget = f"{minutes:g} min on {device_type}, the trial included"
     _log(f"2/5 train: SKCDF and, beside it, the labeled-only VNet, {epochs} epochs each "
          f"({budget}) into {', '.join(str(run) for run in todo)}")
     train_runs(PRESET, data, todo, jobs=jobs)
@@ -151,9 +179,11 @@ def run_demo(out: str | Path = "demo_out", minutes: float = PRESET_MINUTES, seed
     return report
 
 
-def _comparison(out: Path) -> tuple[str, str]:
-    """The two runs' table, and a sentence comparing SKCDF with labeled-only at the same budget."""
+def _comparison(out: Path, data: Path) -> tuple[str, str, str]:
+    """The two runs' table, a sentence comparing SKCDF with labeled-only at the same budget, and the
+    paired comparison over the test cases (table and one-sentence reading)."""
     from skcdf.ablate import trained_iterations
+    from skcdf.compare import Method, compare_to_reference, reading, render_markdown
     from skcdf.report import aggregate, load_summary, render_table
 
     summaries = {variant: load_summary(out / evaluation / "summary.json")
@@ -165,12 +195,17 @@ def _comparison(out: Path) -> tuple[str, str]:
     sentence = (f"The demo trained the `full` SKCDF variant and, for comparison, the same VNet on the labeled "
                 f"cases alone (`labeled_only`), each for {iterations} iterations. SKCDF's mean Dice is "
                 f"{full:.2f} %, {verdict} labeled-only's {labeled:.2f} % ({full - labeled:+.2f} points).")
-    return table, sentence
+    skcdf, labeled_only = (Method(title, {"seed": out / evaluation}) for title, _, evaluation in VARIANTS.values())
+    rows = compare_to_reference(labeled_only, [skcdf], data)
+    n = rows[0].stats.n
+    floor = (f"With {n} test cases the smallest possible p is {2 / 2 ** n:.3g}, reached only when one run "
+             "is ahead on every case.")
+    return table, sentence, f"{render_markdown(rows)}\n{reading(rows[0])} {floor}\n"
 
 
 def _report_text(out: Path, run: Path, data: Path, case: str, seconds: float) -> tuple[str, str]:
     """The report's Markdown, and the results table alone (printed at the end)."""
-    table, sentence = _comparison(out)
+    table, sentence, paired = _comparison(out, data)
     q = _shell_word
     text = f"""# skcdf demo report
 
@@ -182,6 +217,13 @@ Dice in %, ASD in voxels, per class over the test cases (SPEC §4 conventions).
 Per-case values: [eval/per_case.csv](eval/per_case.csv) (SKCDF),
 [eval-labeled-only/per_case.csv](eval-labeled-only/per_case.csv) (labeled only).
 
+## Paired comparison: SKCDF against labeled-only
+
+Per test case (one seed), the difference of the Dice averaged over all organs, the large ones and
+the six smallest in the training labels; mean, bootstrap 95 % interval and two-sided Wilcoxon
+signed-rank p (`skcdf compare`, docs/metrics.md).
+
+{paired}
 ## Test case `{case}`: ground truth beside SKCDF's prediction
 
 ![overlay](overlay.png)
@@ -223,6 +265,6 @@ def main_cli(out: str, minutes: float, seed: int, device: str) -> int:
         run_demo(out, minutes, seed, device)
     except KeyboardInterrupt:
         print(f"\n[demo] interrupted. Resume where it stopped with:\n  skcdf demo --out {_shell_word(out)}"
-              + (f" --minutes {minutes:g}" if minutes != PRESET_MINUTES else ""), file=sys.stderr)
+              + (f" --minutes {minutes:g}" if minutes != DEFAULT_MINUTES else ""), file=sys.stderr)
         return 130
     return 0

@@ -7,16 +7,18 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from skcdf.demo import PRESET_MINUTES
+    from skcdf.demo import DEFAULT_MINUTES
 
     p = subparsers.add_parser(
         "demo", help="phantom → train SKCDF → predict → evaluate → report, on this machine",
         description="Generate the built-in phantom, train SKCDF on it, predict and evaluate the held-out "
-                    "test cases, and write report.md with the per-class table, an overlay and curves. "
+                    "test cases, and write report.md with the per-class table, the paired comparison with "
+                    "labeled-only, an overlay and curves. "
                     "Running it again in the same folder resumes.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--minutes", type=float, default=PRESET_MINUTES,
-                   help=f"training budget in minutes on 2 CPU cores; scales the epochs (default: {PRESET_MINUTES:g})")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                   help="training budget in minutes, a timed trial included: the trial sizes the epochs "
+                        f"to fill it (default: {DEFAULT_MINUTES:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom and the run (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.set_defaults(func=_demo)
