@@ -60,3 +60,18 @@ def test_none_and_errors():
         KnowledgeTransfer(_model(shared_decoder=True), ("D",))
     with pytest.raises(ValueError, match="auxiliary heads"):
         KnowledgeTransfer(_model(aux_heads=False), ("Hu",))
+
+
+def test_a_prior_shift_is_added_to_the_balanced_bias_as_it_is_blended_in():
+    torch.manual_seed(0)
+    model = _model()
+    head, aux = model.labeled_decoder.main_head, model.labeled_decoder.aux_head
+    before_weight, before_bias = head.weight.detach().clone(), head.bias.detach().clone()
+    shift = torch.linspace(-3.0, 0.0, head.bias.numel())
+    transfer = KnowledgeTransfer(model, ("Hl",), omega=0.9)
+    transfer.set_prior_shift("Hl", shift)
+    transfer.apply()
+    torch.testing.assert_close(head.weight, 0.9 * before_weight + 0.1 * aux.weight)
+    torch.testing.assert_close(head.bias, 0.9 * before_bias + 0.1 * (aux.bias + shift))
+    with pytest.raises(ValueError, match="Hu"):
+        transfer.set_prior_shift("Hu", shift)

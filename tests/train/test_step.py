@@ -144,7 +144,7 @@ def test_decoupled_balanced_loss_trains_the_balanced_head_alone():
     model.labeled_decoder.detach_aux = True
     main, aux = model(x, flow="unlabeled")
     torch.testing.assert_close((main, aux), attached)
-    balanced_dice_ce(aux, y, torch.rand(y.shape) < 0.5, "decoupled", KEEP_L).backward()
+    balanced_dice_ce(aux, y, torch.rand(y.shape) < 0.5, "decoupled").backward()
     head = model.labeled_decoder.aux_head
     assert head.weight.grad.abs().sum() > 0
     upstream = [p for name, p in model.named_parameters() if not name.startswith("labeled_decoder.aux_head")]

@@ -9,6 +9,12 @@ Applied before each iteration's forward, on parameters only (BN buffers are left
 
 The plan pairs the parameter tensors once, so each iteration is two fused in-place ``_foreach``
 calls per step (no name look-ups, no state-dict copies).
+
+A head step can carry a *prior shift* (K,) added to the source head's bias as it is blended in:
+``b_main ← ω·b_main + (1−ω)·(b_aux + shift)``. A balanced head trained on voxels kept with
+probability k_c predicts the class posterior of that re-balanced sample, whose logits exceed the
+data's by log k_c (up to a constant); with shift = log k the main head receives the balanced head's
+feature weights without its re-balanced prior (logit adjustment, Menon et al., ICLR 2021).
 """
 
 from __future__ import annotations
@@ -49,7 +55,11 @@ class KnowledgeTransfer:
 
     def __init__(self, model: nn.Module, order: tuple[str, ...], omega: float = 0.99) -> None:
         self.omega = omega
+        self.order = order
         self.plan: list[tuple[list[nn.Parameter], list[nn.Parameter]]] = []
+        self.main_bias = {step: model.labeled_decoder.main_head.bias if step == "Hl"
+                          else model.unlabeled_decoder.main_head.bias for step in order if step != "D"}
+        self.prior_shift: dict[str, torch.Tensor] = {}  # head step -> (K,), see the module docstring
         for step in order:
             if step == "D":
                 if model.unlabeled_decoder is model.labeled_decoder:
@@ -61,9 +71,17 @@ class KnowledgeTransfer:
                     raise ValueError(f"EMA step {step!r} needs auxiliary heads (aux_heads is off)")
                 self.plan.append(_paired_parameters(decoder.main_head, decoder.aux_head))
 
+    def set_prior_shift(self, step: str, shift: torch.Tensor) -> None:
+        """Add ``shift`` (K,) to the balanced head's bias whenever head step ``step`` ("Hl"/"Hu") blends it in."""
+        if step not in self.main_bias:
+            raise ValueError(f"no head step {step!r} in this transfer's order")
+        self.prior_shift[step] = shift.to(self.main_bias[step])
+
     @torch.no_grad()
     def apply(self) -> None:
         """Run every step in order, in place."""
-        for dst, src in self.plan:
+        for step, (dst, src) in zip(self.order, self.plan):
             torch._foreach_mul_(dst, self.omega)
             torch._foreach_add_(dst, src, alpha=1.0 - self.omega)
+            if step in self.prior_shift:
+                self.main_bias[step].add_(self.prior_shift[step], alpha=1.0 - self.omega)

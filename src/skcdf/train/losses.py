@@ -71,18 +71,19 @@ def balanced_dice_ce(logits: Tensor, labels: Tensor, mask: Tensor, mode: str = "
       ICLR 2021). The kept voxels over-represent class c by keep_probability[c]; adding its log
       inside the loss lets the head's own logits estimate the class posterior of the unmasked data,
       so the head still learns from a class-balanced sample but predicts without the sample's prior.
-    mode "decoupled": the loss of "adjusted"; the trainer also stops its gradient at the head's
-      input (``Decoder.detach_aux``), so only the head learns from it.
+    mode "decoupled": the loss of "exclude"; the trainer also stops its gradient at the head's input
+      (``Decoder.detach_aux``), so only the head learns from it, and blends the head into the main
+      head with its re-balanced prior taken out (``KnowledgeTransfer.set_prior_shift``).
     keep_probability (K,): the mask's per-class keep probabilities ("adjusted" only).
     """
     if mode == "reference":
         return _dice_ce(logits * mask.unsqueeze(1).to(logits.dtype), labels * mask.to(labels.dtype), None)
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if mode == "exclude":
+    if mode in ("exclude", "decoupled"):
         return _dice_ce(logits, labels, mask.to(precision))
-    if mode in ("adjusted", "decoupled"):
+    if mode == "adjusted":
         if keep_probability is None:
-            raise ValueError(f"balance mode {mode!r} needs the mask's keep probabilities")
+            raise ValueError("balance mode 'adjusted' needs the mask's keep probabilities")
         shift = keep_probability.to(device=logits.device, dtype=precision).log().view(1, -1, *[1] * (logits.ndim - 2))
         return _dice_ce(logits.to(precision) + shift, labels, mask.to(precision))
     raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")

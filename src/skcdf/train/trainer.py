@@ -526,6 +526,11 @@ def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
     rampup = epochs if config["rampup_epochs"] is None else config["rampup_epochs"]
     unsup_weight = rampup_weight(config["lambda_u"], epoch, rampup)
     keep_unlabeled = unlabeled_keep_probabilities(run.keep_labeled, epoch, epochs)
+    if config["balance_mode"] == "decoupled":
+        # blend each balanced head into its main head without the prior of the sample it was trained on
+        for step, keep in (("Hl", run.keep_labeled), ("Hu", keep_unlabeled)):
+            if step in run.transfer.main_bias:
+                run.transfer.set_prior_shift(step, keep.log())
     # summed on the device; synced with the host only when logging
     term_sums = torch.zeros(len(TERMS), device=run.device)
     loss_sum = torch.zeros((), device=run.device)
