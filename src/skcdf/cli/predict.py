@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from skcdf.utils import InputError
+from skcdf.utils import InputError, check_output_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +58,7 @@ def _predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         amp=not args.no_amp,
     )
+    check_output_folder(args.output)  # before the model is loaded
     segmenter = Segmenter.load(args.checkpoint, device=_device(args.device), settings=settings)
     summary = segmenter.predict_to(args.input, args.output, split=args.split, original_space=args.original_space,
                                    series_uid=args.series, dicom_seg=args.dicom_seg)
