@@ -531,21 +531,32 @@ def predict_path(
     original_space: bool = False,
     series_uid: str | None = None,
     dicom_seg: bool = False,
+    store: bool = False,
 ) -> PredictionSummary:
     """Predict whatever ``source`` is: a prepared data set (see :func:`predict_dataset`), a folder of
     scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not hidden, not recursive), a folder
-    holding a DICOM series (see :func:`predict_dicom_series`) or one scan file (see
-    :func:`predict_files`). ``split`` and ``original_space`` apply to prepared data sets only,
-    ``series_uid`` and ``dicom_seg`` to DICOM series only; scans are always written on their own grid.
+    holding a DICOM series (see :func:`predict_dicom_series`), one scan file (see
+    :func:`predict_files`), or the URL of a DICOMweb study or series (see
+    :func:`skcdf.dicomweb.predict_url`). ``split`` and ``original_space`` apply to prepared data sets
+    only, ``series_uid`` and ``dicom_seg`` to DICOM series and URLs only, ``store`` (send the SEG back
+    with STOW-RS; implies ``dicom_seg``) to URLs only; scans are always written on their own grid.
 
     Raises:
         InputError: ``output_dir`` is a file; ``source`` does not exist, is a folder with neither a
             data set, scan files nor a DICOM series, or a DICOM option is given for another kind of
-            input; for a DICOM series, any error of :func:`predict_dicom_series`.
+            input; for a DICOM series, any error of :func:`predict_dicom_series`; for a URL, any
+            error of :func:`skcdf.dicomweb.predict_url`.
     """
     from skcdf.dicom import is_dicom_folder
+    from skcdf.dicomweb import is_dicomweb_url, predict_url
 
     check_output_folder(output_dir)
+    if is_dicomweb_url(source):
+        overlap_for_stride(preprocessing["patch_size"], settings.stride)  # the usual message for a bad stride
+        return PredictionSummary(written=predict_url(
+            model, str(source), output_dir, preprocessing, settings, series_uid, dicom_seg, store))
+    if store:
+        raise InputError(f"{source}: --store needs the DICOMweb URL of a study or series as INPUT")
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
