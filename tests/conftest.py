@@ -1,7 +1,9 @@
 """Shared test set-up: one torch thread per test process, a tiny phantom data set made once per
-session, training configurations sized for it, and a run folder holding a tiny random model."""
+session, training configurations sized for it, a run folder holding a tiny random model, and a real
+Orthanc (DICOMweb) server for the PACS tests."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,35 @@ def run_folder(tmp_path):
         "preprocessing": {**NET_PREPROCESSING, "class_names": names, "class_abbrevs": ["BG", "Li", "Sp"]},
     })
     return tmp_path / "run", model
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc with DICOMweb on a free loopback port for the whole session (see tests/orthanc.py);
+    skips when Orthanc is not installed, or fails when SKCDF_REQUIRE_ORTHANC is set (CI)."""
+    from tests.orthanc import orthanc_missing, start_orthanc
+
+    reason = orthanc_missing()
+    if reason:
+        if os.environ.get("SKCDF_REQUIRE_ORTHANC"):
+            pytest.fail(f"SKCDF_REQUIRE_ORTHANC is set, but {reason}")
+        pytest.skip(reason)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pacs(orthanc, monkeypatch, tmp_path):
+    """The session's Orthanc, emptied, with the allowed user's credentials in the environment, no
+    netrc, and no proxy for the loopback address."""
+    from skcdf.dicomweb import ENV_PASSWORD, ENV_TOKEN, ENV_USER
+    from tests.orthanc import PASSWORD, USER
+
+    orthanc.clear()
+    monkeypatch.setenv(ENV_USER, USER)
+    monkeypatch.setenv(ENV_PASSWORD, PASSWORD)
+    monkeypatch.delenv(ENV_TOKEN, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    return orthanc

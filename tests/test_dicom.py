@@ -96,7 +96,8 @@ def test_the_series_with_most_slices_is_taken_unless_one_is_named(tmp_path):
         path.rename(tmp_path / "mixed" / f"small_{path.name}")
 
     assert sorted(dicom.find_series(tmp_path / "mixed")) == ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"]
-    assert dicom.read_series(tmp_path / "mixed")[0].GetSize() == (30, 40, 24)
+    with pytest.warns(UserWarning, match=r"mixed holds 2 series; predicting 1\.2\.826\.0\.1\.3680043\.8\.498\.1 "):
+        assert dicom.read_series(tmp_path / "mixed")[0].GetSize() == (30, 40, 24)
     image, series = dicom.read_series(tmp_path / "mixed", series_uid="1.2.826.0.1.3680043.8.498.2")
     assert image.GetSize() == (30, 40, 10) and series.series_uid == "1.2.826.0.1.3680043.8.498.2"
     with pytest.raises(InputError, match=r"mixed: no series 9\.9; the folder holds 1\.2"):
@@ -244,3 +245,66 @@ def test_prepare_nifti_names_a_bad_series_folder(tmp_path, capsys):
     assert main(["prepare", "nifti", str(src), str(tmp_path / "prepared"), "--num-classes", "2", "--workers", "1"]) == 2
     assert f"{src / 'imagesTr' / 'case1'}: series" in capsys.readouterr().err
     assert not (tmp_path / "prepared").exists()
+
+
+# ------------------------------------------------------------------- inputs that used to end in a traceback
+
+
+def test_a_seg_of_a_series_without_frame_of_reference_is_one_line_saying_the_nifti_was_written(
+        run_folder, tmp_path, capsys):
+    run, _ = run_folder
+    write_series(box_scan(), tmp_path / "anon", drop=("FrameOfReferenceUID", "SliceThickness"))
+
+    assert main(["predict", str(run), str(tmp_path / "anon"), str(tmp_path / "out"), "--dicom-seg"]) == 2
+
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert f"error: {tmp_path / 'anon'}: series " in err and "has no FrameOfReferenceUID" in err
+    assert f"no DICOM SEG written; the labels were written to {tmp_path / 'out' / 'anon.nii.gz'}" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["anon.nii.gz"]
+
+
+def test_a_series_without_slice_thickness_gets_the_slice_gap_in_its_seg(tmp_path):
+    write_series(box_scan(), tmp_path / "ct", drop=("SliceThickness",))
+    _, series = dicom.read_series(tmp_path / "ct")
+    labels = np.zeros((24, 40, 30), np.uint8)
+    labels[3:9, 5:20, 3:12] = 1
+
+    path = dicom.write_segmentation(labels, series, SYNAPSE_NAMES, tmp_path / "ct.seg.dcm")
+
+    measures = pydicom.dcmread(path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.5)
+    np.testing.assert_array_equal(dicom.read_segmentation(path, series, SYNAPSE_NAMES), labels)
+
+
+def test_an_output_that_is_a_file_is_one_line(run_folder, tmp_path, capsys):
+    run, _ = run_folder
+    sitk.WriteImage(box_scan(), str(tmp_path / "scan.nii.gz"))
+    (tmp_path / "taken").write_text("a file")
+    for output in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        assert main(["predict", str(run), str(tmp_path / "scan.nii.gz"), str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {tmp_path / 'taken'}: exists and is not a folder" + (
+            f" (so {output} cannot be created)" if output != tmp_path / "taken" else "") + \
+            "; the output must be a folder\n"
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        infer.predict_path(ThresholdToy().eval(), tmp_path / "scan.nii.gz", tmp_path / "taken", PREPROCESSING)
+
+
+def test_a_folder_of_two_series_says_which_is_predicted_and_how_to_choose(run_folder, tmp_path, capsys):
+    run, _ = run_folder
+    scan = box_scan()
+    write_series(scan, tmp_path / "study", series_uid="1.2.826.0.1.3680043.8.498.1")
+    localiser = sitk.RegionOfInterest(scan, (30, 40, 2), (0, 0, 10))
+    for path in write_series(localiser, tmp_path / "scout", series_uid="1.2.826.0.1.3680043.8.498.2"):
+        path.rename(tmp_path / "study" / f"scout_{path.name}")
+
+    assert main(["predict", str(run), str(tmp_path / "study"), str(tmp_path / "out")]) == 0
+
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning == (f"warning: {tmp_path / 'study'} holds 2 series; predicting 1.2.826.0.1.3680043.8.498.1 "
+                       "(24 slices), the one with the most slices; choose another with --series UID (series_uid= "
+                       "in Python); the others: 1.2.826.0.1.3680043.8.498.2 (2 slices)")
+    assert main(["predict", str(run), str(tmp_path / "study"), str(tmp_path / "out"),
+                 "--series", "1.2.826.0.1.3680043.8.498.2"]) == 0
+    assert "warning:" not in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_probabilities_on_request_are_on_the_input_grid(segmenter_and_expected):
     (lambda s, scan: s.predict(sitk.Image(8, 8, sitk.sitkFloat32)), "3-D grey-level image, got a 2-D"),
     (lambda s, scan: s.predict(np.zeros((4, 5, 6)), spacing=(1, 0, 1)), "three positive numbers"),
     (lambda s, scan: s.predict(scan, spacing=(1, 1, 1)), "numpy arrays only"),
-    (lambda s, scan: s.predict(scan, series_uid="1.2.3"), "DICOM series only"),
+    (lambda s, scan: s.predict(scan, series_uid="1.2.3"), "DICOM series or a DICOMweb URL only"),
     (lambda s, scan: s.predict("/nonexistent/scan.nii.gz"), "/nonexistent/scan.nii.gz: file not found"),
 ])
 def test_bad_input_is_refused_clearly(segmenter_and_expected, call, message):

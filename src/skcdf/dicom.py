@@ -32,7 +32,7 @@ from skcdf.utils import InputError, atomic_path
 from skcdf.viz import organ_colour
 
 __all__ = ["DicomSeries", "find_series", "is_dicom_folder", "organ_code", "read_segmentation", "read_series",
-           "write_segmentation"]
+           "warn_series_choice", "write_segmentation"]
 
 # Header differences below these are rounding in the writer, not a different geometry.
 _ORIENTATION_TOLERANCE = 1e-4
@@ -48,12 +48,19 @@ class DicomSeries:
         series_uid: its SeriesInstanceUID.
         files: its slice files in slice order: ``files[k]`` is slice ``k`` along the image's D axis.
         modality: the Modality attribute (``"CT"``, ``"MR"``, ...).
+        source: what messages call it: the folder, or the URL it was fetched from.
     """
 
     folder: Path
     series_uid: str
     files: tuple[Path, ...]
     modality: str
+    source: str = ""
+
+    @property
+    def where(self) -> str:
+        """``<source>: series <uid>``, the start of messages about this series."""
+        return f"{self.source or self.folder}: series {self.series_uid}"
 
 
 def find_series(folder: str | os.PathLike) -> dict[str, list[str]]:
@@ -70,13 +77,14 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
 
 
 def read_series(folder: str | os.PathLike, series_uid: str | None = None,
-                expect_ct: bool = False) -> tuple[sitk.Image, DicomSeries]:
+                expect_ct: bool = False, source: str | None = None) -> tuple[sitk.Image, DicomSeries]:
     """Read one DICOM series of ``folder`` as a 3-D image in its own geometry.
 
     Args:
         folder: a folder holding the series' files (other files are ignored).
         series_uid: the series to read; default the one with the most slices.
         expect_ct: refuse a series whose Modality is not CT (the model windows Hounsfield units).
+        source: what messages call the folder (default the folder itself), e.g. the URL it came from.
 
     Returns:
         ``(image, series)``: the image in the stored intensities after the rescale slope and
@@ -87,21 +95,28 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None,
         InputError: naming the folder, for: no series (or no series ``series_uid``); a non-CT
             modality when ``expect_ct``; slices with different orientations, pixel spacings or sizes;
             two slices at the same position, a missing slice, or uneven slice gaps.
+
+    Warns:
+        UserWarning: the folder holds several series and none is named: which one is read, and how
+            to choose another (see :func:`warn_series_choice`).
     """
     folder = Path(folder)
+    source = source or str(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder")
+        raise InputError(f"{source}: no such folder")
     series = find_series(folder)
     if not series:
-        raise InputError(f"{folder}: no DICOM series found in this folder")
+        raise InputError(f"{source}: no DICOM series found in this folder")
     if series_uid is None:
         series_uid = max(series, key=lambda uid: (len(series[uid]), uid))
+        warn_series_choice(source, {uid: len(files) for uid, files in series.items()}, series_uid,
+                           "choose another with --series UID (series_uid= in Python)")
     elif series_uid not in series:
-        raise InputError(f"{folder}: no series {series_uid}; the folder holds {', '.join(sorted(series))}")
+        raise InputError(f"{source}: no series {series_uid}; the folder holds {', '.join(sorted(series))}")
     files = tuple(Path(f) for f in series[series_uid])
     headers = [_read_header(f) for f in files]
     modality = str(headers[0].get("Modality", ""))
-    where = f"{folder}: series {series_uid}"
+    where = f"{source}: series {series_uid}"
     if expect_ct and modality != "CT":
         raise InputError(f"{where} has modality {modality or 'unknown'}, but the model expects CT "
                          "(it clips Hounsfield units to a CT window)")
@@ -115,7 +130,18 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None,
         raise InputError(f"{where}: cannot be read ({reason[:200]})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{where}: has {image.GetNumberOfComponentsPerPixel()} values per voxel; expected grey levels")
-    return image, DicomSeries(folder, series_uid, files, modality)
+    return image, DicomSeries(folder, series_uid, files, modality, source)
+
+
+def warn_series_choice(where: str, slices: dict[str, int], chosen: str, how_to_choose: str) -> None:
+    """Warn, when ``where`` holds more than one series, that ``chosen`` (the one with the most slices)
+    is predicted, what the others are, and ``how_to_choose`` another; one line."""
+    if len(slices) < 2:
+        return
+    others = ", ".join(f"{uid} ({slices[uid]} slices)" for uid in sorted(slices, key=lambda u: (-slices[u], u))
+                       if uid != chosen)
+    warnings.warn(f"{where} holds {len(slices)} series; predicting {chosen} ({slices[chosen]} slices), the one "
+                  f"with the most slices; {how_to_choose}; the others: {others}", stacklevel=3)
 
 
 def _read_header(path: Path) -> pydicom.Dataset:
@@ -219,7 +245,7 @@ def write_segmentation(labels: np.ndarray, series: DicomSeries, class_names: Seq
     labels = np.asarray(labels)
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:
-        warnings.warn(f"{series.folder}: no organ predicted, so no DICOM SEG written", stacklevel=2)
+        warnings.warn(f"{series.where}: no organ predicted, so no DICOM SEG written", stacklevel=2)
         return None
     if present[-1] >= len(class_names):
         raise ValueError(f"label {present[-1]} has no class name (only {len(class_names)} classes)")
@@ -228,12 +254,58 @@ def write_segmentation(labels: np.ndarray, series: DicomSeries, class_names: Seq
     # Segment numbers must run 1..n, so classes present are renumbered in order; the segment label keeps the name.
     segment_of_class = np.zeros(max(present) + 1, np.uint8)
     segment_of_class[present] = np.arange(1, len(present) + 1)
+    sources = _seg_sources(series)
+    try:
+        descriptions = [_segment_description(n, c, class_names[c]) for n, c in enumerate(present, start=1)]
+        segmentation = _segmentation(segment_of_class[labels], descriptions, sources)
+    except (AttributeError, TypeError, ValueError) as exc:  # highdicom's checks of the source headers
+        raise InputError(f"{series.where}: no DICOM SEG can be made of it ({exc})") from None
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        segmentation.save_as(tmp)
+    return path
+
+
+def _seg_sources(series: DicomSeries) -> list[pydicom.Dataset]:
+    """The source headers for highdicom, checked for what a SEG of them needs.
+
+    A missing FrameOfReferenceUID cannot be made up (the SEG would claim a frame the images do not
+    have), so it is refused; a missing SliceThickness is taken as the gap between slice positions,
+    which is what a SEG's slice thickness describes for a stack of contiguous segmentation planes.
+
+    Raises:
+        InputError: the series has no FrameOfReferenceUID.
+    """
     sources = [_read_header(f) for f in series.files]
-    segmentation = hd.seg.Segmentation(
+    if not all(h.get("FrameOfReferenceUID") for h in sources):
+        raise InputError(f"{series.where} has no FrameOfReferenceUID (an anonymiser may have removed it), "
+                         "which a DICOM SEG of CT images needs")
+    if not all(h.get("SliceThickness") for h in sources):
+        thickness = _slice_gap(sources)
+        for header in sources:
+            if not header.get("SliceThickness"):
+                header.SliceThickness = pydicom.valuerep.format_number_as_ds(thickness) if thickness else 1.0
+    return sources
+
+
+def _slice_gap(headers: Sequence[pydicom.Dataset]) -> float | None:
+    """The median distance between consecutive slices along the slice normal; None for one slice."""
+    if len(headers) < 2:
+        return None
+    orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers]) @ normal
+    return float(np.median(np.abs(np.diff(positions))))
+
+
+def _segmentation(segments: np.ndarray, descriptions: list[hd.seg.SegmentDescription],
+                  sources: list[pydicom.Dataset]) -> hd.seg.Segmentation:
+    """highdicom's binary Segmentation of ``segments`` (``(D, H, W)`` segment numbers) on ``sources``."""
+    return hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=segment_of_class[labels],
+        pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(n, c, class_names[c]) for n, c in enumerate(present, start=1)],
+        segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
         series_number=int(sources[0].get("SeriesNumber") or 0) + 1000,
         sop_instance_uid=hd.UID(),
@@ -245,10 +317,6 @@ def write_segmentation(labels: np.ndarray, series: DicomSeries, class_names: Seq
         content_label="SKCDF",
         series_description="SKCDF segmentation",
     )
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        segmentation.save_as(tmp)
-    return path
 
 
 def read_segmentation(path: str | os.PathLike, series: DicomSeries, class_names: Sequence[str]) -> np.ndarray:

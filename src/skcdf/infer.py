@@ -39,7 +39,7 @@ from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find
 from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
 from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
 from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
-from skcdf.utils import InputError, atomic_path
+from skcdf.utils import InputError, atomic_path, check_output_folder
 
 if TYPE_CHECKING:
     from skcdf.export import OnnxModel
@@ -460,27 +460,35 @@ def predict_dicom_series(
     settings: InferenceSettings = InferenceSettings(),
     series_uid: str | None = None,
     dicom_seg: bool = False,
+    source: str | None = None,
 ) -> list[Path]:
     """Predict the DICOM series in ``folder`` (the one with the most slices, or ``series_uid``) and
     write ``output_dir/<folder name>.nii.gz`` on the series' grid; with ``dicom_seg`` also
     ``output_dir/<folder name>.seg.dcm``, a DICOM Segmentation referencing the series (see
-    :func:`skcdf.dicom.write_segmentation`).
+    :func:`skcdf.dicom.write_segmentation`). ``source`` is what messages call the folder (default
+    the folder), e.g. the DICOMweb URL it was fetched from.
 
     A checkpoint with a CT window only accepts CT series.
 
     Raises:
         InputError: naming the folder: no series, a non-CT series, or slices that do not form one
-            regular grid (see :func:`skcdf.dicom.read_series`).
+            regular grid (see :func:`skcdf.dicom.read_series`), before anything is written; or, after
+            the NIfTI labels are written (the message says so), a series of which no SEG can be made
+            (e.g. without FrameOfReferenceUID).
     """
     from skcdf import dicom
 
-    image, series = dicom.read_series(folder, series_uid, expect_ct=preprocessing.get("window") is not None)
+    image, series = dicom.read_series(folder, series_uid, expect_ct=preprocessing.get("window") is not None,
+                                      source=source)
     labels = predict_scan(model, image, preprocessing, settings).labels
     case_id = Path(folder).resolve().name
     written = [_write(_place(labels, Geometry.of_image(image)), Path(output_dir) / f"{case_id}.nii.gz")]
     if dicom_seg:
         names = preprocessing.get("class_names") or SYNAPSE_NAMES  # a reference checkpoint is Synapse's
-        seg = dicom.write_segmentation(labels, series, names, Path(output_dir) / f"{case_id}.seg.dcm")
+        try:
+            seg = dicom.write_segmentation(labels, series, names, Path(output_dir) / f"{case_id}.seg.dcm")
+        except InputError as error:
+            raise InputError(f"{error}: no DICOM SEG written; the labels were written to {written[0]}") from None
         written += [seg] if seg is not None else []
     return written
 
@@ -586,20 +594,32 @@ def predict_path(
     original_space: bool = False,
     series_uid: str | None = None,
     dicom_seg: bool = False,
+    store: bool = False,
 ) -> PredictionSummary:
     """Predict whatever ``source`` is: a prepared data set (see :func:`predict_dataset`), a folder of
     scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not hidden, not recursive), a folder
-    holding a DICOM series (see :func:`predict_dicom_series`) or one scan file (see
-    :func:`predict_files`). ``split`` and ``original_space`` apply to prepared data sets only,
-    ``series_uid`` and ``dicom_seg`` to DICOM series only; scans are always written on their own grid.
+    holding a DICOM series (see :func:`predict_dicom_series`), one scan file (see
+    :func:`predict_files`), or the URL of a DICOMweb study or series (see
+    :func:`skcdf.dicomweb.predict_url`). ``split`` and ``original_space`` apply to prepared data sets
+    only, ``series_uid`` and ``dicom_seg`` to DICOM series and URLs only, ``store`` (send the SEG back
+    with STOW-RS; implies ``dicom_seg``) to URLs only; scans are always written on their own grid.
 
     Raises:
-        InputError: ``source`` does not exist, is a folder with neither a data set, scan files nor a
-            DICOM series, or a DICOM option is given for another kind of input; for a DICOM series,
-            any error of :func:`predict_dicom_series`.
+        InputError: ``output_dir`` is a file; ``source`` does not exist, is a folder with neither a
+            data set, scan files nor a DICOM series, or a DICOM option is given for another kind of
+            input; for a DICOM series, any error of :func:`predict_dicom_series`; for a URL, any
+            error of :func:`skcdf.dicomweb.predict_url`.
     """
     from skcdf.dicom import is_dicom_folder
+    from skcdf.dicomweb import is_dicomweb_url, predict_url
 
+    check_output_folder(output_dir)
+    if is_dicomweb_url(source):
+        overlap_for_stride(preprocessing["patch_size"], settings.stride)  # the usual message for a bad stride
+        return PredictionSummary(written=predict_url(
+            model, str(source), output_dir, preprocessing, settings, series_uid, dicom_seg, store))
+    if store:
+        raise InputError(f"{source}: --store needs the DICOMweb URL of a study or series as INPUT")
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")

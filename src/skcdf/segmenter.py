@@ -7,6 +7,7 @@ Example (a notebook)::
     segmenter = Segmenter.load("runs/synapse-s0", device="cpu")   # a run, a checkpoint or a .onnx file
     labels = segmenter.predict("scans/ct.nii.gz")                  # SimpleITK image on the scan's grid
     labels = segmenter.predict("dicom/series_folder")              # a DICOM series, same
+    labels = segmenter.predict("http://pacs:8042/dicom-web/studies/1.2.3/series/4.5")   # DICOMweb, same
     labels = segmenter.predict(volume, spacing=(2.5, 0.8, 0.8))    # numpy (D, H, W) -> numpy (D, H, W)
     labels, probabilities = segmenter.predict(image, probabilities=True)
 """
@@ -98,13 +99,15 @@ class Segmenter:
 
                 - a path: an image file (NIfTI, NRRD, MHA, ... anything SimpleITK reads) or a folder
                   holding a DICOM series (the series with the most slices, or ``series_uid``);
+                - the URL (a string) of a DICOMweb study or series, fetched by WADO-RS and read as a
+                  folder (a study: its CT series with the most slices, or ``series_uid``);
                 - a ``SimpleITK.Image``: a 3-D scan in HU with its spacing, origin and direction;
                 - a numpy array ``(D, H, W)`` in HU (axis 0 the slices, as ``sitk.GetArrayFromImage``).
             spacing: numpy input only: the voxel spacing in mm in the array's axis order
                 ``(D, H, W)`` (default 1 mm). Today's labels do not depend on it, because the network
                 sees the scan resampled to the training size over its whole extent.
             probabilities: also return the softmax probabilities on the scan's grid.
-            series_uid: DICOM folders only: the SeriesInstanceUID to read.
+            series_uid: DICOM folders and DICOMweb study URLs only: the SeriesInstanceUID to read.
 
         Returns:
             The labels, uint8 class indices: a ``SimpleITK.Image`` with the scan's size, spacing,
@@ -114,7 +117,8 @@ class Segmenter:
 
         Raises:
             InputError: an unreadable file or series (the message names it), an array or image that
-                is not 3-D, a spacing that is not three positive numbers, a DICOM option without a DICOM folder.
+                is not 3-D, a spacing that is not three positive numbers, a DICOM option without a DICOM
+                folder or URL; :class:`skcdf.dicomweb.DicomWebError` for what the server refuses or lacks.
         """
         image, as_array = self._as_image(x, spacing, series_uid)
         prediction = predict_scan(self.network, image, self.preprocessing, self.settings, probabilities)
@@ -127,8 +131,13 @@ class Segmenter:
     def _as_image(self, x: str | os.PathLike | sitk.Image | np.ndarray, spacing: Sequence[float] | None,
                   series_uid: str | None) -> tuple[sitk.Image, bool]:
         """``x`` as a SimpleITK image, and whether it was given as an array."""
+        from skcdf.dicomweb import is_dicomweb_url, read_url
+
+        expect_ct = self.preprocessing.get("window") is not None
+        if is_dicomweb_url(x):
+            return read_url(x, expect_ct, series_uid), False
         if series_uid is not None and not (isinstance(x, (str, os.PathLike)) and Path(x).is_dir()):
-            raise InputError("series_uid applies to a folder holding a DICOM series only")
+            raise InputError("series_uid applies to a folder holding a DICOM series or a DICOMweb URL only")
         if isinstance(x, np.ndarray):
             if x.ndim != 3:
                 raise InputError(f"expected a 3-D (D, H, W) array, got shape {x.shape}")
@@ -145,7 +154,7 @@ class Segmenter:
                 raise InputError(f"expected a 3-D grey-level image, got a {x.GetDimension()}-D image with "
                                  f"{x.GetNumberOfComponentsPerPixel()} value(s) per voxel")
             return x, False
-        return read_scan(x, expect_ct=self.preprocessing.get("window") is not None, series_uid=series_uid), False
+        return read_scan(x, expect_ct=expect_ct, series_uid=series_uid), False
 
     def predict_to(
         self,
@@ -156,9 +165,11 @@ class Segmenter:
         original_space: bool = False,
         series_uid: str | None = None,
         dicom_seg: bool = False,
+        store: bool = False,
     ) -> PredictionSummary:
         """Write the predictions of ``source`` into ``output_dir``, as ``skcdf predict`` does: a scan file,
-        a folder of scans, a folder holding a DICOM series (``dicom_seg``: also a DICOM SEG) or a
-        prepared data set (its ``split``). See :func:`skcdf.infer.predict_path`."""
+        a folder of scans, a folder holding a DICOM series (``dicom_seg``: also a DICOM SEG), the URL of a
+        DICOMweb study or series (``store``: also send the SEG back by STOW-RS) or a prepared data set
+        (its ``split``). See :func:`skcdf.infer.predict_path`."""
         return predict_path(self.network, source, output_dir, self.preprocessing, self.settings, split,
-                            original_space, series_uid, dicom_seg)
+                            original_space, series_uid, dicom_seg, store)

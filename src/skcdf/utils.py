@@ -39,6 +39,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, after checking that it can be (or already is) a folder to write into.
+
+    Raises:
+        InputError: ``path``, or a folder above it, exists and is not a folder.
+    """
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "" if candidate == path else f" (so {path} cannot be created)"
+                raise InputError(f"{candidate}: exists and is not a folder{what}; the output must be a folder")
+            break
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp:

@@ -15,7 +15,7 @@ import sys
 import warnings
 
 # Modules (under skcdf.cli) that contribute sub-commands, in the order they appear in --help.
-_COMMAND_MODULES = ("data", "network", "train", "predict", "evaluate", "compare", "demo")
+_COMMAND_MODULES = ("data", "network", "train", "predict", "watch", "evaluate", "compare", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

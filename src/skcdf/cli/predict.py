@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from skcdf.utils import InputError
+from skcdf.utils import InputError, check_output_folder
+
+if TYPE_CHECKING:
+    from skcdf.segmenter import Segmenter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,28 +18,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment scans or a prepared data set with a trained model",
         description=(
             "Sliding-window prediction (SPEC §4). INPUT is a prepared data set (predicts one split, written on "
-            "the prepared grid), a scan file or a folder of scans (NIfTI, NRRD, MHA, ...), or a folder holding a "
-            "DICOM series; scans and series are written on their own grid, with their spacing, origin and "
-            "direction. Writes OUTPUT/<id>.nii.gz (uint8 labels), and with --dicom-seg OUTPUT/<id>.seg.dcm. "
-            "Exit status 1 when some case failed."
+            "the prepared grid), a scan file or a folder of scans (NIfTI, NRRD, MHA, ...), a folder holding a "
+            "DICOM series, or the DICOMweb URL of a study or series; scans and series are written on their own "
+            "grid, with their spacing, origin and direction. Writes OUTPUT/<id>.nii.gz (uint8 labels), and with "
+            "--dicom-seg OUTPUT/<id>.seg.dcm. DICOMweb credentials come from SKCDF_DICOMWEB_USER and "
+            "SKCDF_DICOMWEB_PASSWORD, SKCDF_DICOMWEB_TOKEN, or a netrc file. Exit status 1 when some case failed."
         ),
     )
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
-                        help="run folder (best.pt, else last.pt), skcdf checkpoint, reference best_model.pth, "
-                             "or an .onnx model from `skcdf export` (run by onnxruntime on the CPU)")
+    add_model_argument(parser)
     parser.add_argument("input", metavar="INPUT",
-                        help="prepared data set, scan file, folder of scans, or folder holding a DICOM series")
+                        help="prepared data set, scan file, folder of scans, folder holding a DICOM series, or "
+                             "DICOMweb URL (http://HOST/dicom-web/studies/UID[/series/UID])")
     parser.add_argument("output", metavar="OUTPUT", help="output folder")
-    parser.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
-                        help="decoder whose main head predicts (default: unlabeled, the paper's choice)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--split", default="test", help="split of a prepared data set (default: test)")
     parser.add_argument("--original-space", action="store_true",
                         help="prepared data set: also write OUTPUT/original/<id>.nii.gz on the original scan's grid")
     parser.add_argument("--series", metavar="UID", default=None,
-                        help="DICOM folder: the SeriesInstanceUID to predict (default: the series with the most slices)")
+                        help="DICOM folder or study URL: the SeriesInstanceUID to predict (default: the series "
+                             "with the most slices)")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="DICOM series: also write OUTPUT/<id>.seg.dcm, a DICOM Segmentation referencing the series")
+    parser.add_argument("--store", action="store_true",
+                        help="DICOMweb URL: also send the DICOM SEG back by STOW-RS, a new series in the "
+                             "study (implies --dicom-seg)")
+    add_inference_options(parser)
+    parser.set_defaults(func=_predict)
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The RUN_OR_CHECKPOINT positional argument (of `predict` and `watch`)."""
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="run folder (best.pt, else last.pt), skcdf checkpoint, reference best_model.pth, "
+                             "or an .onnx model from `skcdf export` (run by onnxruntime on the CPU)")
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """The sliding-window and device options (of `predict` and `watch`); see :func:`load_segmenter`."""
+    parser.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
+                        help="decoder whose main head predicts (default: unlabeled, the paper's choice)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--tta", action="store_true",
                         help="average over the in-plane flips used in training, keeping left and right as the "
                              "checkpoint's flips mode says (up to 4x slower)")
@@ -44,10 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="window step in voxels (default: 16 32 32)")
     parser.add_argument("--batch", type=int, default=None, metavar="N", help="windows per forward pass (default: 4)")
     parser.add_argument("--no-amp", action="store_true", help="run fp32 on CUDA too (default: bf16/fp16 autocast)")
-    parser.set_defaults(func=_predict)
 
 
-def _predict(args: argparse.Namespace) -> int:
+def load_segmenter(args: argparse.Namespace) -> "Segmenter":
+    """The Segmenter of ``args.checkpoint`` with the options of :func:`add_inference_options`."""
     from skcdf.infer import InferenceSettings
     from skcdf.segmenter import Segmenter
 
@@ -60,10 +81,18 @@ def _predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         amp=not args.no_amp,
     )
-    segmenter = Segmenter.load(args.checkpoint, device=_device(args.device), settings=settings)
+    return Segmenter.load(args.checkpoint, device=_device(args.device), settings=settings)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    check_output_folder(args.output)  # before the model is loaded
+    segmenter = load_segmenter(args)
     summary = segmenter.predict_to(args.input, args.output, split=args.split, original_space=args.original_space,
-                                   series_uid=args.series, dicom_seg=args.dicom_seg)
+                                   series_uid=args.series, dicom_seg=args.dicom_seg, store=args.store)
     print(f"wrote {len(summary.written)} file(s) to {args.output}")
+    if args.store:
+        segs = [path for path in summary.written if path.name.endswith(".seg.dcm")]
+        print(f"stored {segs[0].name} in the study by STOW-RS" if segs else "stored nothing: no SEG was written")
     if summary.failures:
         print(f"{len(summary.failures)} case(s) failed:", file=sys.stderr)
         for failure in summary.failures:
