@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh at toy size on the CPU (so that the GPU check cannot rot), and its timing arithmetic."""
 
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -52,3 +53,15 @@ def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
     assert re.search(r"\| predict_volume \| 40×80×80, batch 4 \| cpu \| .* \| \d+\.\d\d s / volume", table), table
     for variant in ("fp32", "bf16_cl"):
         assert re.search(rf"\| train step \(skcdf\) \| toy 2\+2 \| cpu \| {variant} \| \d+\.\d ms / iteration", table), table
+
+
+def test_balanced_gradient_measures_the_reference_modes_scaled_down_gradient(tiny_phantom):
+    """benchmarks/balanced_gradient.py on the tiny phantom: few voxels kept, the reference-mode gradient
+    on them far weaker than the kept-voxel loss's, and the reference value pinned near ln K + 1."""
+    spec = importlib.util.spec_from_file_location("balanced_gradient", BENCHMARKS / "balanced_gradient.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.measure(str(tiny_phantom), "labeled_40p", (32, 32, 32), batches=2)
+    assert all(0 < kept < 0.1 for kept in results["kept"])
+    assert all(ratio > 10 for ratio in results["ratio"])
+    assert all(abs(value - (math.log(14) + 1)) < 0.02 for value in results["reference"])
