@@ -1,0 +1,225 @@
+"""DHC (Wang & Li, MICCAI 2023: dual-debiased heterogeneous co-training) as ``code/train_dhc.py`` trains it.
+
+CPS between two VNets (both kaiming-normal initialised), each with its own class weights in both its
+supervised and its pseudo-supervised loss:
+
+    loss = DiceCE_wA(A(x_l), y) + DiceCE_wB(B(x_l), y) + w · [CE_wA(A(x), argmax B(x)) + CE_wB(B(x), argmax A(x))]
+
+* w_A, difficulty-aware (DiffDW, :class:`DiffDW`): from the hard Dice of A's prediction on the labeled batch,
+  how much each class is still being learned or unlearned, times its EMA'd 1 − Dice.
+* w_B, distribution-aware (DistDW, :class:`DistDW`): log(N_max / N_c) normalised, first from the labeled
+  set's class counts, then an EMA over B's predicted class counts on the unlabeled batch.
+
+Both are scaled so that their maximum is K and are recomputed from the current (detached) outputs before
+the losses of each iteration. DiceCE_w is CE weighted by w (mean normalised by Σ w[label]) minus the mean
+over foreground classes of w_c · Dice_c (:func:`~skcdf.methods.common.dice_ce`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from skcdf.methods.common import cross_entropy, dice_ce, weight_during_epoch
+
+#: Loss terms returned by :func:`dhc_step`.
+LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
+
+
+def _ema(current: Tensor, past: Tensor, momentum: float) -> Tensor:
+    """DHC's ``EMA``: momentum · past + (1 − momentum) · current."""
+    return momentum * past + (1 - momentum) * current
+
+
+def _class_counts(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    return torch.bincount(labels.reshape(-1), minlength=num_classes).to(dtype)
+
+
+def _hard_dice(prediction: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """Batch Dice of two label maps (b, …) per class including background, smooth 1e-8: (K,)."""
+    tp = _class_counts(labels[prediction == labels], num_classes, dtype)
+    size = _class_counts(prediction, num_classes, dtype) + _class_counts(labels, num_classes, dtype)  # 2tp+fp+fn
+    return (2 * tp + 1e-8) / (size + 1e-8 + 1e-8)
+
+
+@dataclass
+class DiffDW:
+    """Difficulty-aware class weights (DHC's ``DiffDW(num_cls, accumulate_iters=50)``), one per class, (K,).
+
+    State: ``last_dice`` (Dice of the previous iteration, 1e-8 at first), ``cls_learn`` / ``cls_unlearn``
+    (EMAs of the per-class learning / unlearning amounts), ``dice_weight`` (EMA of 1 − Dice, 1 at first).
+    """
+
+    num_classes: int
+    accumulate_iters: int = 50
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+    last_dice: Tensor = field(init=False)
+    cls_learn: Tensor = field(init=False)
+    cls_unlearn: Tensor = field(init=False)
+    dice_weight: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        zeros = torch.zeros(self.num_classes, dtype=self.dtype, device=self.device)
+        self.last_dice = zeros + 1e-8
+        self.cls_learn, self.cls_unlearn = zeros.clone(), zeros.clone()
+        self.dice_weight = torch.ones_like(zeros)
+
+    def update(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Update from A's labeled-batch logits (b, K, D, H, W) and labels (b, D, H, W); return w_A (K,).
+
+        d = hard batch Dice per class; Δ = d − d_prev; learn = max(Δ, 0)·ln(d/d_prev),
+        unlearn = min(Δ, 0)·ln(d/d_prev), both EMA'd with momentum (τ−1)/τ;
+        w = ((unlearn + 1e-8)/(learn + 1e-8))^(1/5) · EMA(1 − d); returned as K · w / max w.
+        """
+        dice = _hard_dice(logits.detach().argmax(1), labels, self.num_classes, self.dtype)
+        delta = dice - self.last_dice
+        log_ratio = torch.log(dice / self.last_dice)
+        learn = torch.where(delta > 0, delta, 0) * log_ratio
+        unlearn = torch.where(delta <= 0, delta, 0) * log_ratio
+        self.last_dice = dice
+        momentum = (self.accumulate_iters - 1) / self.accumulate_iters
+        self.cls_learn = _ema(learn, self.cls_learn, momentum)
+        self.cls_unlearn = _ema(unlearn, self.cls_unlearn, momentum)
+        difficulty = torch.pow((self.cls_unlearn + 1e-8) / (self.cls_learn + 1e-8), 1 / 5)
+        self.dice_weight = _ema(1.0 - dice, self.dice_weight, momentum)
+        weights = difficulty * self.dice_weight
+        return weights / weights.max() * self.num_classes
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k).clone() for k in ("last_dice", "cls_learn", "cls_unlearn", "dice_weight")}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value.to(dtype=self.dtype, device=self.device).clone())
+
+
+@dataclass
+class DistDW:
+    """Distribution-aware class weights (DHC's ``DistDW(num_cls, momentum=0.99)``), (K,).
+
+    w(n) = K · ln(P) / max ln(P), P_c = (max n + 1e-8) / (n_c + 1e-8), for class voxel counts n.
+    ``weights`` starts from the labeled set's counts (:meth:`init_from_counts`).
+    """
+
+    num_classes: int
+    momentum: float = 0.99
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+    weights: Tensor | None = None
+
+    def _weights(self, counts: Tensor) -> Tensor:
+        counts = counts.to(dtype=self.dtype, device=self.device)
+        log_p = torch.log((counts.max() + 1e-8) / (counts + 1e-8))
+        return log_p / log_p.max() * self.num_classes
+
+    def init_from_counts(self, counts: Tensor) -> Tensor:
+        """Initial weights from the labeled set's voxel count per class (K,)."""
+        self.weights = self._weights(counts)
+        return self.weights
+
+    def update(self, logits: Tensor) -> Tensor:
+        """EMA towards the weights of B's predicted class counts on the unlabeled batch; return w_B (K,).
+
+        logits (b_u, K, D, H, W)."""
+        if self.weights is None:
+            raise RuntimeError("DistDW.init_from_counts must be called before training")
+        counts = _class_counts(logits.detach().argmax(1), self.num_classes, self.dtype)
+        self.weights = _ema(self._weights(counts), self.weights, self.momentum)
+        return self.weights
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"weights": self.weights.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.weights = state["weights"].to(dtype=self.dtype, device=self.device).clone()
+
+
+@dataclass
+class DHCConfig:
+    """Hyper-parameters of DHC's ``train_dhc.py`` (values: DHC's README command, ``-w 0.1 -ep 300``;
+    ``-r`` is on by default in this script). The DiffDW and DistDW momenta are fixed in the script."""
+
+    cps_weight: float = 0.1
+    max_epoch: int = 300
+    rampup: bool = True
+    rampup_length: float | None = None
+    diffdw_accumulate_iters: int = 50
+    distdw_momentum: float = 0.99
+
+    def weight_at(self, epoch: int) -> float:
+        """The pseudo-supervision weight during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
+        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
+
+
+@dataclass
+class DHCState:
+    """Network B, its optimiser and the two class-weight statistics."""
+
+    net_b: nn.Module
+    optimizer_b: torch.optim.Optimizer
+    diffdw: DiffDW
+    distdw: DistDW
+
+    @classmethod
+    def create(cls, net_b: nn.Module, optimizer_b: torch.optim.Optimizer, labeled_class_counts: Tensor,
+               config: DHCConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "DHCState":
+        """Fresh statistics; DistDW starts from the labeled set's class counts (K,)."""
+        num_classes = int(labeled_class_counts.numel())
+        distdw = DistDW(num_classes, config.distdw_momentum, dtype, device)
+        distdw.init_from_counts(labeled_class_counts)
+        return cls(net_b, optimizer_b, DiffDW(num_classes, config.diffdw_accumulate_iters, dtype, device), distdw)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict(),
+                "diffdw": self.diffdw.state_dict(), "distdw": self.distdw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net_b.load_state_dict(state["net_b"])
+        self.optimizer_b.load_state_dict(state["optimizer_b"])
+        self.diffdw.load_state_dict(state["diffdw"])
+        self.distdw.load_state_dict(state["distdw"])
+
+
+def dhc_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DHCState, x_labeled: Tensor,
+             y_labeled: Tensor, x_unlabeled: Tensor, epoch: int, config: DHCConfig) -> dict[str, Any]:
+    """One DHC iteration: both forwards on [x_l; x_u], new class weights, the loss above, one step each.
+
+    Args:
+        net_a, optimizer_a: network A (DiffDW-weighted) and its optimiser; B (DistDW) is in ``state``.
+        x_labeled: (b_l, C, D, H, W); y_labeled: (b_l, D, H, W) int64; x_unlabeled: (b_u, C, D, H, W).
+        epoch: 0-based epoch (sets the weight).
+    Returns:
+        ``LOSS_TERMS`` as floats, plus ``weight_A`` and ``weight_B``, the (K,) class weights used.
+    """
+    net_b, optimizer_b = state.net_b, state.optimizer_b
+    net_a.train()
+    net_b.train()
+    optimizer_a.zero_grad()
+    optimizer_b.zero_grad()
+    n = x_labeled.shape[0]
+    x = torch.cat([x_labeled, x_unlabeled], dim=0)
+    out_a = net_a(x)  # (b_l + b_u, K, D, H, W)
+    out_b = net_b(x)
+    pseudo_a = out_a.detach().argmax(1)
+    pseudo_b = out_b.detach().argmax(1)
+    weight_a = state.diffdw.update(out_a[:n].detach(), y_labeled)
+    weight_b = state.distdw.update(out_b[n:].detach())
+    sup_a = dice_ce(out_a[:n], y_labeled, weight_a)
+    sup_b = dice_ce(out_b[:n], y_labeled, weight_b)
+    cps_a = cross_entropy(out_a, pseudo_b, weight_a)
+    cps_b = cross_entropy(out_b, pseudo_a, weight_b)
+    weight = config.weight_at(epoch)
+    sup, cps = sup_a + sup_b, cps_a + cps_b
+    loss = sup + weight * cps
+    loss.backward()
+    optimizer_a.step()
+    optimizer_b.step()
+    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss)
+    terms: dict[str, Any] = {name: float(v.detach()) if isinstance(v, Tensor) else float(v)
+                             for name, v in zip(LOSS_TERMS, values)}
+    terms.update(weight_A=weight_a.detach().clone(), weight_B=weight_b.detach().clone())
+    return terms

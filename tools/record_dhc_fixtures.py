@@ -1,0 +1,435 @@
+"""Record replay fixtures of the semi-supervised baselines from the DHC code base (xmed-lab/DHC).
+
+    python tools/record_dhc_fixtures.py DHC_SOURCE OUT_DIR [--methods cps,uamt,dhc]
+
+DHC_SOURCE is a checkout (or ``git archive``) of https://github.com/xmed-lab/DHC, the folder that holds
+``code/``. For each method this imports ``code/train_<method>.py`` (with the command line of DHC's
+README: ``--base_lr 3e-2 -w 0.1 -ep 300 -r``), builds its networks with DHC's own ``make_model_all`` and
+init functions, narrowed to ``N_FILTERS`` base filters, and then runs the script's own inner training
+loop, ``for batch_l, batch_u in tqdm(zip(labeled_loader, unlabeled_loader)): ...``, taken verbatim from
+the script's ``__main__`` block with ``ast`` and executed over two batches. Nothing of the loop is
+re-typed here; this file only supplies what the loop reads (models, optimisers, loss functions, the two
+batches, ``epoch_num``, ``cps_w``) and watches what it does.
+
+Changes made so that the run is small, exact and replayable (all of them are also listed in the
+fixtures' README):
+
+* float64 on CPU: ``torch.set_default_dtype(torch.float64)``; ``Tensor.cuda``/``Module.cuda`` are no-ops;
+  ``Tensor.float`` and ``torch.FloatTensor`` give float64 (DHC's class-weight code casts to float32).
+* Mixed precision off: ``autocast`` is a null context and the ``GradScaler`` a pass-through (scale 1,
+  never skips a step). The scripts' ``-m`` flag is on by default and their ``else`` branch raises.
+* Every random draw of the loop is made here, logged and stored: the ``Dropout3d(0.5)`` channel masks of
+  every forward (the module ``dropout`` of each VNet is replaced by an equivalent module that logs its
+  masks) and UA-MT's Gaussian input noise (``torch.randn_like`` seen by the loop). The noise is drawn in
+  float32 and widened, so that storing it in float32 is exact.
+* The data loaders are replaced by the two stored batches (crop and flips happen in the loader, before
+  the loop; the batches are what the loop receives).
+* The learning rate and ``cps_w`` are those the script has set when epoch ``EPOCH`` starts:
+  ``poly_lr(EPOCH - 1, 300, 0.03)`` and ``get_current_consistency_weight(EPOCH - 1)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT = "skcdf-dhc-fixture-1"
+METHODS = ("cps", "uamt", "dhc")
+N_FILTERS = 1  # at 2 the six float64 states of a two-network method alone take 7 MB
+NUM_CLASSES = 14  # Synapse
+PATCH = (16, 16, 32)
+BATCH = 2  # labeled and unlabeled batch size, DHC's default
+EPOCH = 50  # the epoch both recorded iterations belong to
+SEED = 17
+TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see record()
+#: DHC's README command line: bash train3times_seeds_20p.sh -c 0 -t synapse -m <method> -e '' -l 3e-2 -w 0.1
+#: which runs code/train_<method>.py ... --base_lr 3e-2 -w 0.1 -ep 300 -sl labeled_20p -su unlabeled_20p -r
+ARGV = ["--task", "synapse", "--exp", "fixture", "--seed", "0", "-g", "0", "--base_lr", "0.03", "-w", "0.1",
+        "-ep", "300", "-sl", "labeled_20p", "-su", "unlabeled_20p", "-r"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment: float64, CPU, no autocast, logged random draws
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def float64_cpu() -> Iterator[None]:
+    """Default dtype float64, ``.cuda()`` a no-op, float32 casts widened to float64 (restored on exit)."""
+    saved = (torch.get_default_dtype(), torch.Tensor.cuda, nn.Module.cuda, torch.Tensor.float, torch.FloatTensor)
+    torch.set_default_dtype(torch.float64)
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    torch.Tensor.float = lambda self, *a, **k: self.double()
+    torch.FloatTensor = lambda data: torch.as_tensor(np.asarray(data), dtype=torch.float64).clone()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved[0])
+        torch.Tensor.cuda, nn.Module.cuda, torch.Tensor.float, torch.FloatTensor = saved[1:]
+
+
+class LoggedDropout3d(nn.Module):
+    """Same as ``nn.Dropout3d(p)`` in training (zero whole channels with probability p, scale the rest by
+    1 / (1 − p)), drawing its (b, c, 1, 1, 1) masks from ``generator`` and appending them to ``log``.
+
+    A one-channel input (x9 at one base filter) is redrawn until at least one sample keeps it: a draw
+    that drops the only channel of every sample leaves the loss blind to the whole network but the head's
+    bias, which would make the fixture a poor test. Each kept draw is still one the script could make."""
+
+    def __init__(self, p: float, generator: torch.Generator, log: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.p, self.generator, self.log = p, generator, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[:2], generator=self.generator, dtype=torch.float64) >= self.p
+        while x.shape[1] == 1 and not keep.any():  # one channel (x9 at one base filter): keep one sample at least
+            keep = torch.rand(x.shape[:2], generator=self.generator, dtype=torch.float64) >= self.p
+        mask = keep.to(x.dtype).view(*x.shape[:2], 1, 1, 1)
+        self.log.append(keep.clone())
+        return x * (mask / (1 - self.p))
+
+
+class TorchWithLoggedNoise:
+    """Stands for the ``torch`` module inside the loop: ``randn_like`` is drawn from ``generator``, rounded
+    to float16 (so that the stored float16 copy is exact), widened and logged; every other name is torch's."""
+
+    def __init__(self, generator: torch.Generator, log: list[torch.Tensor]) -> None:
+        self._generator, self._log = generator, log
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=self._generator, dtype=torch.float32).to(torch.float16)
+        self._log.append(noise.clone())
+        return noise.to(x.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class PassThroughScaler:
+    """``GradScaler`` with scale 1 that never skips a step."""
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+
+class LoggedLoss:
+    """Calls ``loss`` and appends each value (a Python float) to ``log``; forwards ``update_weight``."""
+
+    def __init__(self, loss: Callable, log: list[float]) -> None:
+        self.loss, self.log = loss, log
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        value = self.loss(*args)
+        self.log.append(float(value.detach()))
+        return value
+
+    def update_weight(self, weight: torch.Tensor) -> None:
+        self.loss.update_weight(weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading DHC's scripts and their training loop
+# --------------------------------------------------------------------------------------------------
+
+def _stub_missing_imports() -> None:
+    """torchvision is imported by the scripts for the loaders' ``transforms.Compose`` only."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("torchvision")
+        stub.transforms = types.ModuleType("torchvision.transforms")
+        stub.transforms.Compose = lambda ops: ops
+        sys.modules["torchvision"] = stub
+        sys.modules["torchvision.transforms"] = stub.transforms
+
+
+def load_script(code_dir: Path, method: str) -> types.ModuleType:
+    """Import ``code/train_<method>.py`` (module-level code only: argparse with ``ARGV``, imports, defs)."""
+    _stub_missing_imports()
+    if str(code_dir) not in sys.path:
+        sys.path.insert(0, str(code_dir))
+    path = code_dir / f"train_{method}.py"
+    saved_argv = sys.argv
+    sys.argv = [str(path), *ARGV]
+    try:
+        spec = importlib.util.spec_from_file_location(f"dhc_train_{method}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.argv = saved_argv
+    module.config.n_filters = N_FILTERS
+    return module
+
+
+def training_loop(path: Path) -> types.CodeType:
+    """The script's inner loop ``for batch_l, batch_u in ...zip(labeled_loader, unlabeled_loader)...``,
+    compiled from its own source (tracebacks point at the script's lines)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.For) and isinstance(node.target, ast.Tuple)
+                and [getattr(e, "id", None) for e in node.target.elts] == ["batch_l", "batch_u"]):
+            return compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec")
+    raise RuntimeError(f"no `for batch_l, batch_u in ...` loop in {path}")
+
+
+def _git_commit(source: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+def make_inputs(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Two labeled and two unlabeled float64 volumes in [0, 1], (2, 1, *PATCH); labels (2, *PATCH) in
+    [0, 14) with every class present and class sizes from a few voxels to about half the volume."""
+    small = (PATCH[0] // 4, PATCH[1] // 4, PATCH[2] // 4)
+    coarse = torch.rand((2 * BATCH, 1, *small), generator=generator, dtype=torch.float64)
+    image = F.interpolate(coarse, size=PATCH, mode="trilinear", align_corners=False)
+    image = (image + 0.05 * torch.rand(image.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    image = image.to(torch.float32).to(torch.float64)  # float32-exact: stored as float32 without loss
+    logits = torch.randn((BATCH, NUM_CLASSES, *small), generator=generator, dtype=torch.float64)
+    bias = torch.linspace(1.0, -0.5, NUM_CLASSES, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    label = (F.interpolate(logits, size=PATCH, mode="trilinear", align_corners=False) + bias).argmax(1)
+    counts = torch.bincount(label.reshape(-1), minlength=NUM_CLASSES)
+    assert (counts > 0).all(), counts
+    return {"image_l": image[:BATCH].contiguous(), "image_u": image[BATCH:].contiguous(), "label_l": label}
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording one method
+# --------------------------------------------------------------------------------------------------
+
+def record(source: Path, method: str) -> dict[str, Any]:
+    code_dir = source / "code"
+    with float64_cpu():
+        module = load_script(code_dir, method)
+        loop = training_loop(code_dir / f"train_{method}.py")
+        args = module.args
+        torch.manual_seed(SEED)  # the scripts' init functions draw from the global generator
+        data_generator = torch.Generator().manual_seed(SEED)
+        draw_generator = torch.Generator().manual_seed(SEED + 1)
+        inputs = make_inputs(data_generator)
+
+        # ---- networks, optimisers, losses: the script's own set-up lines, in its order
+        if method == "cps":
+            model_A, optimizer_A = module.make_model_all()
+            model_B, optimizer_B = module.make_model_all()
+            model_A = module.kaiming_normal_init_weight(model_A)
+            model_B = module.xavier_normal_init_weight(model_B)
+            networks = {"A": model_A, "B": model_B}
+            optimizers = {"A": optimizer_A, "B": optimizer_B}
+        elif method == "uamt":
+            model, optimizer = module.make_model_all()
+            ema_model, _ = module.make_model_all(ema=True)
+            networks = {"student": model, "teacher": ema_model}
+            optimizers = {"student": optimizer}
+        elif method == "dhc":
+            model_A, optimizer_A = module.make_model_all()
+            model_B, optimizer_B = module.make_model_all()
+            model_A = module.kaiming_normal_init_weight(model_A)
+            model_B = module.kaiming_normal_init_weight(model_B)
+            networks = {"A": model_A, "B": model_B}
+            optimizers = {"A": optimizer_A, "B": optimizer_B}
+        else:
+            raise ValueError(method)
+
+        dropout_log: dict[str, list[torch.Tensor]] = {name: [] for name in networks}
+        for name, net in networks.items():
+            assert isinstance(net.dropout, nn.Dropout3d) and net.dropout.p == 0.5 and net.has_dropout
+            net.dropout = LoggedDropout3d(0.5, draw_generator, dropout_log[name])
+        noise_log: list[torch.Tensor] = []
+
+        lr = module.poly_lr(EPOCH - 1, args.max_epoch, args.base_lr, 0.9)
+        for optimizer in optimizers.values():
+            optimizer.param_groups[0]["lr"] = lr
+        cps_w = module.get_current_consistency_weight(EPOCH - 1)
+
+        if method == "uamt":
+            # A randomly initialised 14-class head gives a mean teacher prediction with entropy near ln 14,
+            # far above the uncertainty threshold (< ln 2), so no voxel would pass and the consistency
+            # term would be exactly 0. Sharpen the teacher's head so that a part of the voxels passes.
+            with torch.no_grad():
+                head = networks["teacher"].out_conv
+                head.weight.mul_(TEACHER_HEAD_SCALE)
+                head.bias.zero_()[0] = TEACHER_HEAD_BIAS
+        with torch.no_grad():  # float32-exact initial weights: state0 is stored as float32 without loss
+            for net in networks.values():
+                for tensor in net.state_dict().values():
+                    if tensor.is_floating_point():
+                        tensor.copy_(tensor.to(torch.float32))
+        state0 = {name: _state(net) for name, net in networks.items()}
+        for net in networks.values():
+            if net is not networks.get("teacher"):
+                net.train()  # the scripts call train() on the trained networks; UA-MT's teacher is never
+                #             switched to eval() either, so it runs in train mode as built
+
+        namespace: dict[str, Any] = dict(vars(module))
+        namespace.update(tqdm=lambda x: x, autocast=contextlib.nullcontext, amp_grad_scaler=PassThroughScaler(),
+                         epoch_num=EPOCH, cps_w=cps_w, loss_list=[], loss_sup_list=[], loss_cps_list=[],
+                         torch=TorchWithLoggedNoise(draw_generator, noise_log))
+        logged: dict[str, list[float]] = {}
+        hparams: dict[str, Any] = {
+            "base_lr": float(args.base_lr), "lr": float(lr), "momentum": 0.9, "weight_decay": 3e-5, "nesterov": True,
+            "max_epoch": int(args.max_epoch), "epoch": EPOCH, "cps_w_max": float(args.cps_w),
+            "cps_rampup": bool(args.cps_rampup), "cps_w": float(cps_w), "batch_labeled": BATCH,
+            "batch_unlabeled": BATCH, "patch": list(PATCH), "num_classes": NUM_CLASSES,
+        }
+        extra: dict[str, Any] = {}
+        if method in ("cps", "dhc"):
+            namespace.update(model_A=networks["A"], model_B=networks["B"],
+                             optimizer_A=optimizers["A"], optimizer_B=optimizers["B"])
+        if method == "cps":
+            for key, name in (("sup", "loss_func"), ("cps", "cps_loss_func")):
+                logged[key] = []
+                namespace[name] = LoggedLoss(module.make_loss_function(getattr(args, f"{key}_loss")), logged[key])
+            hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss)
+        elif method == "uamt":
+            namespace.update(model=networks["student"], ema_model=networks["teacher"],
+                             optimizer=optimizers["student"], ce_loss=nn.CrossEntropyLoss(),
+                             dice_loss=module.SoftDiceLoss(smooth=1e-8))
+            hparams.update(ema_decay=0.99, T=8, noise_std=0.1, noise_clip=0.2,
+                           ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
+                           threshold=float((0.75 + 0.25 * module.sigmoid_rampup(EPOCH, args.max_epoch)) * np.log(2)))
+        elif method == "dhc":
+            class LabeledSet:  # what DistDW.init_weights reads of the labeled Dataset
+                unlabeled = False
+                ids_list = list(range(BATCH))
+
+                def _get_data(self, data_id):
+                    return data_id, None, inputs["label_l"][data_id].numpy()
+
+            diffdw = module.DiffDW(module.config.num_cls, accumulate_iters=50)
+            distdw = module.DistDW(module.config.num_cls, momentum=0.99)
+            weight_A = diffdw.init_weights()
+            weight_B = distdw.init_weights(LabeledSet())
+            for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                                      ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+                logged[key] = []
+                loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+                namespace[name] = LoggedLoss(module.make_loss_function(loss_name, weight), logged[key])
+            namespace.update(diffdw=diffdw, distdw=distdw)
+            hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, diffdw_accumulate_iters=50,
+                           distdw_momentum=0.99)
+            extra["labeled_class_counts"] = torch.bincount(inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+            extra["dhc_state0"] = {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
+                                   "cls_learn": diffdw.cls_learn.clone(), "cls_unlearn": diffdw.cls_unlearn.clone(),
+                                   "dice_weight": diffdw.dice_weight.clone()}
+
+        # ---- the two batches, and a snapshot between the iterations
+        batches_l = [{"image": inputs["image_l"], "label": inputs["label_l"]}] * 2
+        batches_u = [{"image": inputs["image_u"], "label": torch.zeros_like(inputs["label_l"])}] * 2
+        iterations: list[dict[str, Any]] = []
+
+        def snapshot() -> None:
+            entry: dict[str, Any] = {"state": {name: _state(net) for name, net in networks.items()},
+                                     "dropout": {name: [m.clone() for m in log] for name, log in dropout_log.items()},
+                                     "noise": list(noise_log)}
+            for log in dropout_log.values():
+                log.clear()
+            noise_log.clear()
+            losses: dict[str, float] = {"total": float(namespace["loss"])}
+            if method == "cps":
+                losses.update(sup_A=logged["sup"][-2], sup_B=logged["sup"][-1], cps_A=logged["cps"][-2],
+                              cps_B=logged["cps"][-1])
+                losses.update(sup=float(namespace["loss_sup"]), cps=float(namespace["loss_cps"]))
+            elif method == "uamt":
+                for key in ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss"):
+                    losses[key] = float(namespace[key])
+                entry["uncertainty_mask_count"] = int(namespace["mask"].sum())
+            else:
+                for key in ("sup_A", "sup_B", "cps_A", "cps_B"):
+                    losses[key] = logged[key][-1]
+                losses.update(sup=float(namespace["loss_sup"]), cps=float(namespace["loss_cps"]))
+                entry["weight_A"] = namespace["weight_A"].detach().clone()
+                entry["weight_B"] = namespace["weight_B"].detach().clone()
+                entry["dhc_state"] = {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
+                                      "cls_learn": diffdw.cls_learn.clone(),
+                                      "cls_unlearn": diffdw.cls_unlearn.clone(),
+                                      "dice_weight": diffdw.dice_weight.clone()}
+            entry["losses"] = losses
+            iterations.append(entry)
+
+        def labeled_loader() -> Iterator[dict]:
+            for i, batch in enumerate(batches_l):
+                if i:
+                    snapshot()  # iteration i's body has finished (zip asks the labeled loader first)
+                yield batch
+
+        namespace.update(labeled_loader=labeled_loader(), unlabeled_loader=iter(batches_u))
+        exec(loop, namespace)
+        snapshot()
+        assert len(iterations) == 2 and len(namespace["loss_list"]) == 2
+
+    model_args = {"n_channels": 1, "n_classes": NUM_CLASSES, "n_filters": N_FILTERS, "normalization": "batchnorm",
+                  "has_dropout": True}
+    for it in iterations:  # with one base filter, Dropout3d on x9 drops the whole feature map of a sample
+        for name, masks in it["dropout"].items():
+            for x9 in masks[1::2]:
+                assert x9.any(), f"{method}: a forward of {name} dropped x9 for every sample"
+    return {
+        "format": FORMAT, "method": method, "dhc_script": f"code/train_{method}.py",
+        "dhc_commit": _git_commit(source), "argv": list(ARGV), "torch_version": str(torch.__version__),
+        "model_args": model_args, "hparams": hparams, "seed": SEED,
+        "inputs": {"image_l": inputs["image_l"].to(torch.float32), "image_u": inputs["image_u"].to(torch.float32),
+                   "label_l": inputs["label_l"].to(torch.uint8)},
+        "state0": {name: {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
+                   for name, sd in state0.items()},
+        "draws": [{"dropout": it["dropout"], "noise": it["noise"]} for it in iterations],
+        "losses": [it["losses"] for it in iterations],
+        "state1": iterations[0]["state"], "state2": iterations[1]["state"],
+        **{f"{key}": [it[key] for it in iterations] for key in ("weight_A", "weight_B", "dhc_state",
+                                                               "uncertainty_mask_count") if key in iterations[0]},
+        **extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dhc_source", type=Path, help="DHC checkout (the folder holding code/)")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    options = parser.parse_args(argv)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    for method in options.methods.split(","):
+        fixture = record(options.dhc_source, method)
+        if fixture["dhc_commit"] == "unknown" and (options.dhc_source / "COMMIT").is_file():
+            fixture["dhc_commit"] = (options.dhc_source / "COMMIT").read_text().strip()
+        path = options.out_dir / f"{method}.pt"
+        torch.save(fixture, path)
+        torch.load(path, weights_only=True)  # stays loadable without pickled code
+        print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; losses {fixture['losses']}")
+
+
+if __name__ == "__main__":
+    main()
