@@ -22,6 +22,16 @@ def test_presets_ship_the_paper_settings():
         assert config["ema_order"] == "Hl,D,Hu" and config["weight_decay"] == pytest.approx(3e-5)
     assert (synapse["lr"], amos["lr"]) == (0.3, 0.1)
     assert amos["labeled_split"] == "labeled_5p"
+    for config in (synapse, amos):  # the paper's flips and balanced loss, so its tables can be reproduced
+        assert (config["flips"], config["balance_mode"]) == ("reference", "reference")
+
+
+def test_presets_for_trying_things_and_own_data_use_the_measured_mechanisms():
+    for preset in ("phantom", "phantom_tiny", "own_data"):
+        config = load_config(preset)
+        assert (config["flips"], config["balance_mode"]) == ("laterality", "decoupled"), preset
+    own = load_config("own_data")
+    assert own["patch_size"] == [64, 128, 128] and own["filters"] == 32 and own["rampup_epochs"] == 1500
 
 
 def test_overrides_are_parsed_as_yaml():
