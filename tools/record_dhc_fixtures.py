@@ -34,6 +34,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -47,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "skcdf-dhc-fixture-1"
-METHODS = ("cps", "uamt", "dhc")
 N_FILTERS = 1  # at 2 the six float64 states of a two-network method alone take 7 MB
 NUM_CLASSES = 14  # Synapse
 PATCH = (16, 16, 32)
@@ -229,8 +229,184 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 # Recording one method
 # --------------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
+# Per-method set-up: one entry per script
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Context:
+    """What a method's set-up functions see and fill in."""
+
+    module: types.ModuleType  # the imported script
+    args: argparse.Namespace  # its parsed command line
+    inputs: dict[str, torch.Tensor]
+    networks: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
+    namespace: dict[str, Any] = dataclasses.field(default_factory=dict)  # names the loop reads
+    logged: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # LoggedLoss values
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored once per fixture
+    untrained: tuple[str, ...] = ()  # networks the script never switches to train()
+
+    def log_loss(self, namespace_name: str, key: str, loss: Callable) -> None:
+        self.logged[key] = []
+        self.namespace[namespace_name] = LoggedLoss(loss, self.logged[key])
+
+
+@dataclasses.dataclass
+class Method:
+    """How to record one script.
+
+    build: create ``ctx.networks`` / ``ctx.optimizers`` with the script's own set-up lines, in its order.
+    prepare: in-place changes to the fresh networks (before their weights are rounded to float32).
+    wire: what the loop reads besides the common names (models, loss functions, method state).
+    iteration: after each iteration, ``(ctx, namespace, entry) -> losses``; may add keys to ``entry``.
+    per_iteration: keys of ``entry`` stored per iteration as a list.
+    """
+
+    build: Callable[[Context], None]
+    wire: Callable[[Context], None]
+    iteration: Callable[[Context, dict[str, Any], dict[str, Any]], dict[str, float]]
+    prepare: Callable[[Context], None] = lambda ctx: None
+    per_iteration: tuple[str, ...] = ()
+
+
+def _build_pair(init_b: str) -> Callable[[Context], None]:
+    def build(ctx: Context) -> None:
+        model_A, optimizer_A = ctx.module.make_model_all()
+        model_B, optimizer_B = ctx.module.make_model_all()
+        model_A = ctx.module.kaiming_normal_init_weight(model_A)
+        model_B = getattr(ctx.module, f"{init_b}_init_weight")(model_B)
+        ctx.networks.update(A=model_A, B=model_B)
+        ctx.optimizers.update(A=optimizer_A, B=optimizer_B)
+    return build
+
+
+def _wire_pair(ctx: Context) -> None:
+    ctx.namespace.update(model_A=ctx.networks["A"], model_B=ctx.networks["B"],
+                         optimizer_A=ctx.optimizers["A"], optimizer_B=ctx.optimizers["B"])
+
+
+# ---- CPS
+
+def _wire_cps(ctx: Context) -> None:
+    _wire_pair(ctx)
+    for key, name in (("sup", "loss_func"), ("cps", "cps_loss_func")):
+        ctx.log_loss(name, key, ctx.module.make_loss_function(getattr(ctx.args, f"{key}_loss")))
+    ctx.hparams.update(sup_loss=ctx.args.sup_loss, cps_loss=ctx.args.cps_loss)
+
+
+def _iteration_cps(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    sup, cps = ctx.logged["sup"], ctx.logged["cps"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- UA-MT
+
+def _build_uamt(ctx: Context) -> None:
+    model, optimizer = ctx.module.make_model_all()
+    ema_model, _ = ctx.module.make_model_all(ema=True)
+    ctx.networks.update(student=model, teacher=ema_model)
+    ctx.optimizers.update(student=optimizer)
+    ctx.untrained = ("teacher",)  # UA-MT's teacher is never switched to eval() either: train mode as built
+
+
+def _prepare_uamt(ctx: Context) -> None:
+    # A randomly initialised 14-class head gives a mean teacher prediction with entropy near ln 14,
+    # far above the uncertainty threshold (< ln 2), so no voxel would pass and the consistency
+    # term would be exactly 0. Sharpen the teacher's head so that a part of the voxels passes.
+    with torch.no_grad():
+        head = ctx.networks["teacher"].out_conv
+        head.weight.mul_(TEACHER_HEAD_SCALE)
+        head.bias.zero_()[0] = TEACHER_HEAD_BIAS
+
+
+def _wire_uamt(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    ctx.namespace.update(model=ctx.networks["student"], ema_model=ctx.networks["teacher"],
+                         optimizer=ctx.optimizers["student"], ce_loss=nn.CrossEntropyLoss(),
+                         dice_loss=module.SoftDiceLoss(smooth=1e-8))
+    ctx.hparams.update(ema_decay=0.99, T=8, noise_std=0.1, noise_clip=0.2,
+                       ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
+                       threshold=float((0.75 + 0.25 * module.sigmoid_rampup(EPOCH, args.max_epoch)) * np.log(2)))
+
+
+def _iteration_uamt(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["uncertainty_mask_count"] = int(ns["mask"].sum())
+    return {key: float(ns[key]) for key in ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss")}
+
+
+# ---- DHC
+
+def _dhc_statistics(diffdw: Any, distdw: Any) -> dict[str, torch.Tensor]:
+    return {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
+            "cls_learn": diffdw.cls_learn.clone(), "cls_unlearn": diffdw.cls_unlearn.clone(),
+            "dice_weight": diffdw.dice_weight.clone()}
+
+
+def _wire_dhc(ctx: Context) -> None:
+    module, args, inputs = ctx.module, ctx.args, ctx.inputs
+    _wire_pair(ctx)
+
+    class LabeledSet:  # what DistDW.init_weights reads of the labeled Dataset
+        unlabeled = False
+        ids_list = list(range(BATCH))
+
+        def _get_data(self, data_id):
+            return data_id, None, inputs["label_l"][data_id].numpy()
+
+    diffdw = module.DiffDW(module.config.num_cls, accumulate_iters=50)
+    distdw = module.DistDW(module.config.num_cls, momentum=0.99)
+    weight_A = diffdw.init_weights()
+    weight_B = distdw.init_weights(LabeledSet())
+    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight))
+    ctx.namespace.update(diffdw=diffdw, distdw=distdw)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, diffdw_accumulate_iters=50,
+                       distdw_momentum=0.99)
+    ctx.extra["labeled_class_counts"] = torch.bincount(inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+    ctx.extra["dhc_state0"] = _dhc_statistics(diffdw, distdw)
+
+
+def _iteration_dhc(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["weight_A"] = ns["weight_A"].detach().clone()
+    entry["weight_B"] = ns["weight_B"].detach().clone()
+    entry["dhc_state"] = _dhc_statistics(ns["diffdw"], ns["distdw"])
+    losses = {key: ctx.logged[key][-1] for key in ("sup_A", "sup_B", "cps_A", "cps_B")}
+    return {**losses, "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+METHOD_TABLE: dict[str, Method] = {
+    "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
+    "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
+                   per_iteration=("uncertainty_mask_count",)),
+    "dhc": Method(build=_build_pair("kaiming_normal"), wire=_wire_dhc, iteration=_iteration_dhc,
+                  per_iteration=("weight_A", "weight_B", "dhc_state")),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording one method
+# --------------------------------------------------------------------------------------------------
+
+def _log_dropouts(net: nn.Module, generator: torch.Generator, log: list[torch.Tensor]) -> None:
+    """Replace every ``Dropout3d(0.5)`` module of ``net`` by a :class:`LoggedDropout3d` writing to ``log``
+    (one log per network, in call order). A module used in several places is replaced once."""
+    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Dropout3d)]
+    assert found and getattr(net, "has_dropout", True), "no active Dropout3d"
+    for name, old in found:
+        assert old.p == 0.5, name
+        parent_name, _, attr = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, attr, LoggedDropout3d(0.5, generator, log))
+
+
 def record(source: Path, method: str) -> dict[str, Any]:
     code_dir = source / "code"
+    spec = METHOD_TABLE[method]
     with float64_cpu():
         module = load_script(code_dir, method)
         loop = training_loop(code_dir / f"train_{method}.py")
@@ -238,35 +414,16 @@ def record(source: Path, method: str) -> dict[str, Any]:
         torch.manual_seed(SEED)  # the scripts' init functions draw from the global generator
         data_generator = torch.Generator().manual_seed(SEED)
         draw_generator = torch.Generator().manual_seed(SEED + 1)
-        inputs = make_inputs(data_generator)
+        ctx = Context(module=module, args=args, inputs=make_inputs(data_generator))
+        inputs = ctx.inputs
 
-        # ---- networks, optimisers, losses: the script's own set-up lines, in its order
-        if method == "cps":
-            model_A, optimizer_A = module.make_model_all()
-            model_B, optimizer_B = module.make_model_all()
-            model_A = module.kaiming_normal_init_weight(model_A)
-            model_B = module.xavier_normal_init_weight(model_B)
-            networks = {"A": model_A, "B": model_B}
-            optimizers = {"A": optimizer_A, "B": optimizer_B}
-        elif method == "uamt":
-            model, optimizer = module.make_model_all()
-            ema_model, _ = module.make_model_all(ema=True)
-            networks = {"student": model, "teacher": ema_model}
-            optimizers = {"student": optimizer}
-        elif method == "dhc":
-            model_A, optimizer_A = module.make_model_all()
-            model_B, optimizer_B = module.make_model_all()
-            model_A = module.kaiming_normal_init_weight(model_A)
-            model_B = module.kaiming_normal_init_weight(model_B)
-            networks = {"A": model_A, "B": model_B}
-            optimizers = {"A": optimizer_A, "B": optimizer_B}
-        else:
-            raise ValueError(method)
+        # ---- networks, optimisers: the script's own set-up lines, in its order
+        spec.build(ctx)
+        networks, optimizers = ctx.networks, ctx.optimizers
 
         dropout_log: dict[str, list[torch.Tensor]] = {name: [] for name in networks}
         for name, net in networks.items():
-            assert isinstance(net.dropout, nn.Dropout3d) and net.dropout.p == 0.5 and net.has_dropout
-            net.dropout = LoggedDropout3d(0.5, draw_generator, dropout_log[name])
+            _log_dropouts(net, draw_generator, dropout_log[name])
         noise_log: list[torch.Tensor] = []
 
         lr = module.poly_lr(EPOCH - 1, args.max_epoch, args.base_lr, 0.9)
@@ -274,76 +431,30 @@ def record(source: Path, method: str) -> dict[str, Any]:
             optimizer.param_groups[0]["lr"] = lr
         cps_w = module.get_current_consistency_weight(EPOCH - 1)
 
-        if method == "uamt":
-            # A randomly initialised 14-class head gives a mean teacher prediction with entropy near ln 14,
-            # far above the uncertainty threshold (< ln 2), so no voxel would pass and the consistency
-            # term would be exactly 0. Sharpen the teacher's head so that a part of the voxels passes.
-            with torch.no_grad():
-                head = networks["teacher"].out_conv
-                head.weight.mul_(TEACHER_HEAD_SCALE)
-                head.bias.zero_()[0] = TEACHER_HEAD_BIAS
+        spec.prepare(ctx)
         with torch.no_grad():  # float32-exact initial weights: state0 is stored as float32 without loss
             for net in networks.values():
                 for tensor in net.state_dict().values():
                     if tensor.is_floating_point():
                         tensor.copy_(tensor.to(torch.float32))
         state0 = {name: _state(net) for name, net in networks.items()}
-        for net in networks.values():
-            if net is not networks.get("teacher"):
-                net.train()  # the scripts call train() on the trained networks; UA-MT's teacher is never
-                #             switched to eval() either, so it runs in train mode as built
+        for name, net in networks.items():
+            if name not in ctx.untrained:
+                net.train()  # the scripts call train() on the networks they train
 
-        namespace: dict[str, Any] = dict(vars(module))
+        namespace = ctx.namespace
+        namespace.update(vars(module))
         namespace.update(tqdm=lambda x: x, autocast=contextlib.nullcontext, amp_grad_scaler=PassThroughScaler(),
                          epoch_num=EPOCH, cps_w=cps_w, loss_list=[], loss_sup_list=[], loss_cps_list=[],
                          torch=TorchWithLoggedNoise(draw_generator, noise_log))
-        logged: dict[str, list[float]] = {}
-        hparams: dict[str, Any] = {
+        ctx.hparams.update({
             "base_lr": float(args.base_lr), "lr": float(lr), "momentum": 0.9, "weight_decay": 3e-5, "nesterov": True,
             "max_epoch": int(args.max_epoch), "epoch": EPOCH, "cps_w_max": float(args.cps_w),
             "cps_rampup": bool(args.cps_rampup), "cps_w": float(cps_w), "batch_labeled": BATCH,
             "batch_unlabeled": BATCH, "patch": list(PATCH), "num_classes": NUM_CLASSES,
-        }
-        extra: dict[str, Any] = {}
-        if method in ("cps", "dhc"):
-            namespace.update(model_A=networks["A"], model_B=networks["B"],
-                             optimizer_A=optimizers["A"], optimizer_B=optimizers["B"])
-        if method == "cps":
-            for key, name in (("sup", "loss_func"), ("cps", "cps_loss_func")):
-                logged[key] = []
-                namespace[name] = LoggedLoss(module.make_loss_function(getattr(args, f"{key}_loss")), logged[key])
-            hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss)
-        elif method == "uamt":
-            namespace.update(model=networks["student"], ema_model=networks["teacher"],
-                             optimizer=optimizers["student"], ce_loss=nn.CrossEntropyLoss(),
-                             dice_loss=module.SoftDiceLoss(smooth=1e-8))
-            hparams.update(ema_decay=0.99, T=8, noise_std=0.1, noise_clip=0.2,
-                           ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
-                           threshold=float((0.75 + 0.25 * module.sigmoid_rampup(EPOCH, args.max_epoch)) * np.log(2)))
-        elif method == "dhc":
-            class LabeledSet:  # what DistDW.init_weights reads of the labeled Dataset
-                unlabeled = False
-                ids_list = list(range(BATCH))
-
-                def _get_data(self, data_id):
-                    return data_id, None, inputs["label_l"][data_id].numpy()
-
-            diffdw = module.DiffDW(module.config.num_cls, accumulate_iters=50)
-            distdw = module.DistDW(module.config.num_cls, momentum=0.99)
-            weight_A = diffdw.init_weights()
-            weight_B = distdw.init_weights(LabeledSet())
-            for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
-                                      ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
-                logged[key] = []
-                loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
-                namespace[name] = LoggedLoss(module.make_loss_function(loss_name, weight), logged[key])
-            namespace.update(diffdw=diffdw, distdw=distdw)
-            hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, diffdw_accumulate_iters=50,
-                           distdw_momentum=0.99)
-            extra["labeled_class_counts"] = torch.bincount(inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
-            extra["dhc_state0"] = {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
-                                   "cls_learn": diffdw.cls_learn.clone(), "cls_unlearn": diffdw.cls_unlearn.clone(),
-                                   "dice_weight": diffdw.dice_weight.clone()}
+        })
+        spec.wire(ctx)
+        hparams, extra = ctx.hparams, ctx.extra
 
         # ---- the two batches, and a snapshot between the iterations
         batches_l = [{"image": inputs["image_l"], "label": inputs["label_l"]}] * 2
@@ -358,24 +469,7 @@ def record(source: Path, method: str) -> dict[str, Any]:
                 log.clear()
             noise_log.clear()
             losses: dict[str, float] = {"total": float(namespace["loss"])}
-            if method == "cps":
-                losses.update(sup_A=logged["sup"][-2], sup_B=logged["sup"][-1], cps_A=logged["cps"][-2],
-                              cps_B=logged["cps"][-1])
-                losses.update(sup=float(namespace["loss_sup"]), cps=float(namespace["loss_cps"]))
-            elif method == "uamt":
-                for key in ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss"):
-                    losses[key] = float(namespace[key])
-                entry["uncertainty_mask_count"] = int(namespace["mask"].sum())
-            else:
-                for key in ("sup_A", "sup_B", "cps_A", "cps_B"):
-                    losses[key] = logged[key][-1]
-                losses.update(sup=float(namespace["loss_sup"]), cps=float(namespace["loss_cps"]))
-                entry["weight_A"] = namespace["weight_A"].detach().clone()
-                entry["weight_B"] = namespace["weight_B"].detach().clone()
-                entry["dhc_state"] = {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
-                                      "cls_learn": diffdw.cls_learn.clone(),
-                                      "cls_unlearn": diffdw.cls_unlearn.clone(),
-                                      "dice_weight": diffdw.dice_weight.clone()}
+            losses.update(spec.iteration(ctx, namespace, entry))
             entry["losses"] = losses
             iterations.append(entry)
 
@@ -394,8 +488,8 @@ def record(source: Path, method: str) -> dict[str, Any]:
                   "has_dropout": True}
     for it in iterations:  # with one base filter, Dropout3d on x9 drops the whole feature map of a sample
         for name, masks in it["dropout"].items():
-            for x9 in masks[1::2]:
-                assert x9.any(), f"{method}: a forward of {name} dropped x9 for every sample"
+            for mask in masks:
+                assert mask.shape[1] > 1 or mask.any(), f"{method}: a forward of {name} dropped x9 for every sample"
     return {
         "format": FORMAT, "method": method, "dhc_script": f"code/train_{method}.py",
         "dhc_commit": _git_commit(source), "argv": list(ARGV), "torch_version": str(torch.__version__),
@@ -407,8 +501,7 @@ def record(source: Path, method: str) -> dict[str, Any]:
         "draws": [{"dropout": it["dropout"], "noise": it["noise"]} for it in iterations],
         "losses": [it["losses"] for it in iterations],
         "state1": iterations[0]["state"], "state2": iterations[1]["state"],
-        **{f"{key}": [it[key] for it in iterations] for key in ("weight_A", "weight_B", "dhc_state",
-                                                               "uncertainty_mask_count") if key in iterations[0]},
+        **{key: [it[key] for it in iterations] for key in spec.per_iteration},
         **extra,
     }
 
@@ -417,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dhc_source", type=Path, help="DHC checkout (the folder holding code/)")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHOD_TABLE))
     options = parser.parse_args(argv)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
