@@ -54,7 +54,10 @@ PATCH = (16, 16, 32)
 BATCH = 2  # labeled and unlabeled batch size, DHC's default
 EPOCH = 50  # the epoch both recorded iterations belong to
 SEED = 17
-TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see record()
+TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see _prepare_uamt()
+PSEUDO_HEAD_BIAS = 6.0  # DST only, see _prepare_dst()
+#: Synapse, 20 % labeled: 16 unlabeled volumes in batches of 2. The DST scripts count iterations (GRL warm start)
+ITERATIONS_PER_EPOCH = 8
 #: DHC's README command line: bash train3times_seeds_20p.sh -c 0 -t synapse -m <method> -e '' -l 3e-2 -w 0.1
 #: which runs code/train_<method>.py ... --base_lr 3e-2 -w 0.1 -ep 300 -sl labeled_20p -su unlabeled_20p -r
 ARGV = ["--task", "synapse", "--exp", "fixture", "--seed", "0", "-g", "0", "--base_lr", "0.03", "-w", "0.1",
@@ -74,11 +77,16 @@ def float64_cpu() -> Iterator[None]:
     nn.Module.cuda = lambda self, *a, **k: self
     torch.Tensor.float = lambda self, *a, **k: self.double()
     torch.FloatTensor = lambda data: torch.as_tensor(np.asarray(data), dtype=torch.float64).clone()
+    had_np_float = "float" in vars(np)
+    if not had_np_float:
+        np.float = float  # removed in numpy 1.24; DST's gradient reversal layer still calls it
     try:
         yield
     finally:
         torch.set_default_dtype(saved[0])
         torch.Tensor.cuda, nn.Module.cuda, torch.Tensor.float, torch.FloatTensor = saved[1:]
+        if not had_np_float:
+            del np.float
 
 
 class LoggedDropout3d(nn.Module):
@@ -379,12 +387,50 @@ def _iteration_dhc(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> d
     return {**losses, "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
 
 
+# ---- DST (decoupled pseudo-label head, worst-case head behind a gradient reversal layer)
+
+def _prepare_dst(ctx: Context) -> None:
+    # A pseudo label counts where the pseudo head's softmax exceeds 0.95. A random 14-class head never
+    # gets there, so both pseudo-label terms would be exactly 0: give class 0 a bias of PSEUDO_HEAD_BIAS in
+    # both pseudo heads, so that part of the voxels passes. The GRL's iteration count is set to where a
+    # Synapse-20 % run is when epoch EPOCH starts (the script steps it once per iteration).
+    with torch.no_grad():
+        for net in ctx.networks.values():
+            net.decoder_pseudo.head.bias.zero_()[0] = PSEUDO_HEAD_BIAS
+            net.decoder_worst.grl_layer.iter_num = EPOCH * ITERATIONS_PER_EPOCH
+
+
+def _wire_dst(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    assert args.cps_loss == "wce"
+    ctx.log_loss("cps_loss_func", "cps", module.Onehot_WeightedCrossEntropyLoss())
+    ctx.log_loss("worst_case_criterion", "worst", module.WorstCaseEstimationLoss())
+    grl = ctx.networks["A"].decoder_worst.grl_layer
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, confidence_threshold=0.95,
+                       grl_alpha=grl.alpha, grl_lo=grl.lo, grl_hi=grl.hi, grl_max_iters=grl.max_iters,
+                       iterations_per_epoch=ITERATIONS_PER_EPOCH)
+    ctx.extra["grl_iter0"] = grl.iter_num
+
+
+def _iteration_dst(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["pseudo_mask_count"] = {"A": int(ns["mask_A"].sum()), "B": int(ns["mask_B"].sum())}
+    entry["grl_iter"] = {name: net.decoder_worst.grl_layer.iter_num for name, net in ctx.networks.items()}
+    sup, cps, worst = ctx.logged["sup"], ctx.logged["cps"], ctx.logged["worst"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1], "worst_A": worst[-2],
+            "worst_B": worst[-1], "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"]),
+            "worst": float(ns["loss_worst_case"])}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
                    per_iteration=("uncertainty_mask_count",)),
     "dhc": Method(build=_build_pair("kaiming_normal"), wire=_wire_dhc, iteration=_iteration_dhc,
                   per_iteration=("weight_A", "weight_B", "dhc_state")),
+    "dst": Method(build=_build_pair("xavier_normal"), prepare=_prepare_dst, wire=_wire_dst, iteration=_iteration_dst,
+                  per_iteration=("pseudo_mask_count", "grl_iter")),
 }
 
 
