@@ -56,6 +56,8 @@ EPOCH = 50  # the epoch both recorded iterations belong to
 SEED = 17
 TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see _prepare_uamt()
 PSEUDO_HEAD_BIAS = 6.0  # DST only, see _prepare_dst()
+DEPL_HEAD_BIAS = {"A": 4.5, "B": 5.5}  # DePL only, see _prepare_depl()
+QHAT_STRIDE = 61  # DePL: the stored sample of the (1, K, *PATCH) marginals takes every 61st voxel
 #: Synapse, 20 % labeled: 16 unlabeled volumes in batches of 2. The DST scripts count iterations (GRL warm start)
 ITERATIONS_PER_EPOCH = 8
 #: DHC's README command line: bash train3times_seeds_20p.sh -c 0 -t synapse -m <method> -e '' -l 3e-2 -w 0.1
@@ -187,6 +189,7 @@ def load_script(code_dir: Path, method: str) -> types.ModuleType:
     finally:
         sys.argv = saved_argv
     module.config.n_filters = N_FILTERS
+    module.config.patch_size = PATCH  # DePL's per-voxel class marginal has the patch's shape
     return module
 
 
@@ -423,6 +426,53 @@ def _iteration_dst(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> d
             "worst": float(ns["loss_worst_case"])}
 
 
+# ---- DePL (debiased pseudo-labels: logit adjustment by a running per-voxel class marginal)
+
+def _prepare_depl(ctx: Context) -> None:
+    # The pseudo-labels count where the debiased softmax reaches 0.9; a random 14-class head never does, so
+    # both terms would be exactly 0: give class 0 a bias (DEPL_HEAD_BIAS) in both heads,
+    # chosen so that a part of the voxels passes in each.
+    with torch.no_grad():
+        for name, net in ctx.networks.items():
+            net.out_conv.bias.zero_()[0] = DEPL_HEAD_BIAS[name]
+
+
+def _qhat_summary(qhat: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = qhat.detach().reshape(NUM_CLASSES, -1)
+    return {"class_sum": flat.sum(1).clone(), "sample": flat[:, ::QHAT_STRIDE].clone()}
+
+
+def _wire_depl(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    ctx.log_loss("cps_loss_func", "cps", module.WeightedCrossEntropyLoss())
+    # The script starts both marginals at 1/K everywhere (initial_qhat) and never resets them. A uniform
+    # marginal makes the debiasing a no-op in the first iteration, so start from the state of a run that
+    # has seen a class prior: per class a float32-exact value, the same at every voxel.
+    uniform = module.initial_qhat(class_num=NUM_CLASSES)
+    assert tuple(uniform.shape) == (1, NUM_CLASSES, *PATCH)
+    generator = torch.Generator().manual_seed(SEED + 2)
+    qhat0 = {}
+    for name in ("A", "B"):
+        prior = torch.softmax(torch.randn(NUM_CLASSES, generator=generator, dtype=torch.float64), 0)
+        prior = (0.5 / NUM_CLASSES + 0.5 * prior).to(torch.float32).to(torch.float64)
+        qhat0[name] = prior
+        ctx.namespace[f"qhat_{name}"] = prior.view(1, -1, 1, 1, 1).expand_as(uniform).clone()
+    ctx.namespace["tau"] = 1.0  # the script's value, set before its epoch loop
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss="WeightedCrossEntropyLoss (masked)", tau=1.0,
+                       threshold=0.9, qhat_momentum=0.99, qhat_stride=QHAT_STRIDE)
+    ctx.extra["qhat0_class"] = {name: q.to(torch.float32) for name, q in qhat0.items()}
+
+
+def _iteration_depl(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["pseudo_mask_count"] = {"A": int(ns["mask_A"].sum()), "B": int(ns["mask_B"].sum())}
+    entry["qhat"] = {"A": _qhat_summary(ns["qhat_A"]), "B": _qhat_summary(ns["qhat_B"])}
+    sup, cps = ctx.logged["sup"], ctx.logged["cps"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -431,6 +481,8 @@ METHOD_TABLE: dict[str, Method] = {
                   per_iteration=("weight_A", "weight_B", "dhc_state")),
     "dst": Method(build=_build_pair("xavier_normal"), prepare=_prepare_dst, wire=_wire_dst, iteration=_iteration_dst,
                   per_iteration=("pseudo_mask_count", "grl_iter")),
+    "depl": Method(build=_build_pair("xavier_normal"), prepare=_prepare_depl, wire=_wire_depl,
+                   iteration=_iteration_depl, per_iteration=("pseudo_mask_count", "qhat")),
 }
 
 

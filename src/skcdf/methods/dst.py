@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, weight_during_epoch
+from skcdf.methods.common import (ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, masked_cross_entropy,
+                                  weight_during_epoch)
 from skcdf.nn.vnet import Decoder, Encoder
 
 #: Loss terms returned by :func:`dst_step`, in DHC's names where it has them.
@@ -177,11 +178,6 @@ def worst_case_loss(main_l: Tensor, worst_l: Tensor, main_u: Tensor, worst_u: Te
     return 2 * loss_l + loss_u
 
 
-def masked_pseudo_ce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """DHC's ``Onehot_WeightedCrossEntropyLoss``: mean over all voxels of CE(logits, target) · mask."""
-    return (F.cross_entropy(logits, target, reduction="none") * mask).mean()
-
-
 def dst_step(net_a: DecoupledVNet, optimizer_a: torch.optim.Optimizer, state: DSTState, x_labeled: Tensor,
              y_labeled: Tensor, x_unlabeled: Tensor, epoch: int, config: DSTConfig) -> dict[str, float]:
     """One DST iteration: both forwards on [x_l; x_u], the loss above, backward, both optimisers step, the
@@ -206,8 +202,8 @@ def dst_step(net_a: DecoupledVNet, optimizer_a: torch.optim.Optimizer, state: DS
     confidence_b, target_b = F.softmax(pseudo_b.detach(), dim=1).max(dim=1)
     mask_a = (confidence_a > config.confidence_threshold).to(main_a.dtype)
     mask_b = (confidence_b > config.confidence_threshold).to(main_b.dtype)
-    cps_a = masked_pseudo_ce(main_a, target_b, mask_b)
-    cps_b = masked_pseudo_ce(main_b, target_a, mask_a)
+    cps_a = masked_cross_entropy(main_a, target_b, mask_b)
+    cps_b = masked_cross_entropy(main_b, target_a, mask_a)
     worst_a_loss = worst_case_loss(main_a[:n], worst_a[:n], main_a[n:], worst_a[n:])
     worst_b_loss = worst_case_loss(main_b[:n], worst_b[:n], main_b[n:], worst_b[n:])
     weight = config.weight_at(epoch)
@@ -223,4 +219,4 @@ def dst_step(net_a: DecoupledVNet, optimizer_a: torch.optim.Optimizer, state: DS
 
 
 __all__ = ["DecoupledVNet", "DSTConfig", "DSTState", "dst_step", "dst_to_skcdf_key", "from_dhc_dst_state_dict",
-           "gradient_reverse", "grl_coefficient", "masked_pseudo_ce", "worst_case_loss"]
+           "gradient_reverse", "grl_coefficient", "worst_case_loss"]
