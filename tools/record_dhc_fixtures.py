@@ -60,6 +60,7 @@ DEPL_HEAD_BIAS = {"A": 4.5, "B": 5.5}  # DePL only, see _prepare_depl()
 QHAT_STRIDE = 61  # DePL: the stored sample of the (1, K, *PATCH) marginals takes every 61st voxel
 #: Synapse, 20 % labeled: 16 unlabeled volumes in batches of 2. The DST scripts count iterations (GRL warm start)
 ITERATIONS_PER_EPOCH = 8
+UNLABELED_VOLUMES = 16  # Synapse, 20 % labeled: the unlabeled split (Adsh sizes its score bank by it)
 #: DHC's README command line: bash train3times_seeds_20p.sh -c 0 -t synapse -m <method> -e '' -l 3e-2 -w 0.1
 #: which runs code/train_<method>.py ... --base_lr 3e-2 -w 0.1 -ep 300 -sl labeled_20p -su unlabeled_20p -r
 ARGV = ["--task", "synapse", "--exp", "fixture", "--seed", "0", "-g", "0", "--base_lr", "0.03", "-w", "0.1",
@@ -473,6 +474,61 @@ def _iteration_depl(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> 
             "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
 
 
+# ---- Adsh (adaptive per-class thresholds from a bank of unlabeled scores)
+
+def _adsh_start(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse logits (BATCH, K, *PATCH/4) for the bank rows filled before the recorded iterations, and the
+    thresholds computed before them (K,), both float32-exact."""
+    small = (PATCH[0] // 4, PATCH[1] // 4, PATCH[2] // 4)
+    coarse = 2.0 * torch.randn((BATCH, NUM_CLASSES, *small), generator=generator, dtype=torch.float64)
+    coarse[:, 0] += 3.0  # class 0 the majority, confident (> 0.9) in a part of the voxels
+    thresholds = 0.03 + 0.12 * torch.rand(NUM_CLASSES, generator=generator, dtype=torch.float64)
+    return coarse.to(torch.float32), thresholds.to(torch.float32)
+
+
+def adsh_bank_rows(coarse: torch.Tensor) -> torch.Tensor:
+    """The stored bank rows: softmax of the trilinearly upsampled coarse logits (float64). The test calls
+    the same function of torch, so the rows agree to the last bit on the same build."""
+    return F.interpolate(coarse.double(), size=PATCH, mode="trilinear", align_corners=False).softmax(1)
+
+
+def _wire_adsh(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    assert args.cps_loss == "wce"
+    ctx.log_loss("cps_loss_func", "cps", module.ClassDependent_WeightedCrossEntropyLoss())
+    # The bank holds tot_iter = 16 // 4 = 4 unlabeled samples; get_thresholds stores a batch of 2 while
+    # cur_iter < 3 and otherwise recomputes the thresholds from the bank (not from the current batch) and
+    # starts over. So a run cycles store [0:2], store [2:4], recompute; at iteration 400 = 50 × 8 it is at
+    # "store [2:4]" (400 mod 3 = 1). Set both banks there: rows [0:2] and the thresholds in use are a
+    # synthetic earlier state (stored), iteration 1 stores its output in rows [2:4], iteration 2 recomputes.
+    generator = torch.Generator().manual_seed(SEED + 3)
+    start = {}
+    for name in ("A", "B"):
+        adsh = module.ADSH(num_cls=NUM_CLASSES, thresh_major=0.9, tot_iter=UNLABELED_VOLUMES // 4)
+        assert tuple(adsh.scores.shape) == (4, NUM_CLASSES, *PATCH)
+        coarse, thresholds = _adsh_start(generator)
+        adsh.scores[0:BATCH] = adsh_bank_rows(coarse)
+        adsh.cur_iter = BATCH
+        adsh.thresholds.copy_(thresholds.double())
+        ctx.namespace[f"adsh_{name}"] = adsh
+        start[name] = {"coarse_logits": coarse, "thresholds": thresholds, "cur_iter": BATCH}
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, thresh_major=0.9,
+                       bank_size=UNLABELED_VOLUMES // 4, iteration0=EPOCH * ITERATIONS_PER_EPOCH)
+    ctx.extra["adsh_start"] = start
+
+
+def _iteration_adsh(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["adsh"] = {name: {"thresholds": ns[f"adsh_{name}"].thresholds.clone(),
+                            "cur_iter": ns[f"adsh_{name}"].cur_iter,
+                            "sample_map_count": ns[f"sample_map_{name}"].sum((0, 2, 3, 4)).long()}
+                     for name in ("A", "B")}
+    sup, cps = ctx.logged["sup"], ctx.logged["cps"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -483,6 +539,8 @@ METHOD_TABLE: dict[str, Method] = {
                   per_iteration=("pseudo_mask_count", "grl_iter")),
     "depl": Method(build=_build_pair("xavier_normal"), prepare=_prepare_depl, wire=_wire_depl,
                    iteration=_iteration_depl, per_iteration=("pseudo_mask_count", "qhat")),
+    "adsh": Method(build=_build_pair("xavier_normal"), wire=_wire_adsh, iteration=_iteration_adsh,
+                   per_iteration=("adsh",)),
 }
 
 
