@@ -529,6 +529,42 @@ def _iteration_adsh(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> 
             "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
 
 
+# ---- CReST (class-rebalancing weights from the pseudo-label distribution)
+
+def _labeled_set(inputs: dict[str, torch.Tensor]) -> Any:
+    class LabeledSet:  # what DistDW.init_weights and CReST.init_crest_weight read of the labeled Dataset
+        unlabeled = False
+        ids_list = list(range(BATCH))
+
+        def _get_data(self, data_id):
+            return data_id, None, inputs["label_l"][data_id].numpy()
+
+    return LabeledSet()
+
+
+def _wire_crest(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    crest_A = module.CReST(module.config.num_cls, do_bg=True, momentum=0.99)
+    crest_B = module.CReST(module.config.num_cls, do_bg=True, momentum=0.99)
+    weight_A = crest_A.init_crest_weight(_labeled_set(ctx.inputs))
+    weight_B = crest_B.init_crest_weight(_labeled_set(ctx.inputs))
+    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight=weight))
+    ctx.namespace.update(crest_A=crest_A, crest_B=crest_B)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, crest_momentum=0.99, crest_alpha=1 / 3)
+    ctx.extra["labeled_class_counts"] = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+    ctx.extra["crest_weights0"] = {"A": crest_A.weights.clone(), "B": crest_B.weights.clone()}
+
+
+def _iteration_crest(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["class_weights"] = {"A": ns["weight_A"].detach().clone(), "B": ns["weight_B"].detach().clone()}
+    losses = {key: ctx.logged[key][-1] for key in ("sup_A", "sup_B", "cps_A", "cps_B")}
+    return {**losses, "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -541,6 +577,8 @@ METHOD_TABLE: dict[str, Method] = {
                    iteration=_iteration_depl, per_iteration=("pseudo_mask_count", "qhat")),
     "adsh": Method(build=_build_pair("xavier_normal"), wire=_wire_adsh, iteration=_iteration_adsh,
                    per_iteration=("adsh",)),
+    "crest": Method(build=_build_pair("xavier_normal"), wire=_wire_crest, iteration=_iteration_crest,
+                    per_iteration=("class_weights",)),
 }
 
 
