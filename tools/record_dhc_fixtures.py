@@ -560,9 +560,29 @@ def _wire_crest(ctx: Context) -> None:
 
 
 def _iteration_crest(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    """CReST and SimiS: the class weights in use, and the four loss terms."""
     entry["class_weights"] = {"A": ns["weight_A"].detach().clone(), "B": ns["weight_B"].detach().clone()}
     losses = {key: ctx.logged[key][-1] for key in ("sup_A", "sup_B", "cps_A", "cps_B")}
     return {**losses, "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- SimiS (class weights from the gap to the most frequent predicted class)
+
+def _wire_simis(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    simis_A = module.SimiS(module.config.num_cls, do_bg=True, momentum=0.99)
+    simis_B = module.SimiS(module.config.num_cls, do_bg=True, momentum=0.99)
+    weight_A = simis_A.init_weight(_labeled_set(ctx.inputs))
+    weight_B = simis_B.init_weight(_labeled_set(ctx.inputs))
+    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight=weight))
+    ctx.namespace.update(simis_A=simis_A, simis_B=simis_B)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, simis_momentum=0.99)
+    ctx.extra["labeled_class_counts"] = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+    ctx.extra["simis_weights0"] = {"A": simis_A.weights.clone(), "B": simis_B.weights.clone()}
 
 
 METHOD_TABLE: dict[str, Method] = {
@@ -578,6 +598,8 @@ METHOD_TABLE: dict[str, Method] = {
     "adsh": Method(build=_build_pair("xavier_normal"), wire=_wire_adsh, iteration=_iteration_adsh,
                    per_iteration=("adsh",)),
     "crest": Method(build=_build_pair("xavier_normal"), wire=_wire_crest, iteration=_iteration_crest,
+                    per_iteration=("class_weights",)),
+    "simis": Method(build=_build_pair("xavier_normal"), wire=_wire_simis, iteration=_iteration_crest,
                     per_iteration=("class_weights",)),
 }
 
