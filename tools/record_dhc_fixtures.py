@@ -117,10 +117,24 @@ class LoggedDropout3d(nn.Module):
 
 class TorchWithLoggedNoise:
     """Stands for the ``torch`` module inside the loop: ``randn_like`` is drawn from ``generator``, rounded
-    to float16 (so that the stored float16 copy is exact), widened and logged; every other name is torch's."""
+    to float16 (so that the stored float16 copy is exact), widened and logged; every other name is torch's.
 
-    def __init__(self, generator: torch.Generator, log: list[torch.Tensor]) -> None:
-        self._generator, self._log = generator, log
+    ``rand(*size)`` (Basak's and CLD's sampling masks, where this object also stands for the script's module
+    global ``torch``) draws uniforms on the grid k/2048, k = 0 … 2047 (exact in float16, never 1), and logs
+    them to ``rand_log``."""
+
+    def __init__(self, generator: torch.Generator, log: list[torch.Tensor],
+                 rand_log: list[torch.Tensor] | None = None) -> None:
+        self._generator, self._log, self._rand_log = generator, log, rand_log
+
+    def rand(self, *size: Any) -> torch.Tensor:
+        if self._rand_log is None:
+            raise RuntimeError("torch.rand in a loop that was not expected to draw uniforms")
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        uniform = (torch.floor(torch.rand(shape, generator=self._generator, dtype=torch.float32) * 2048) / 2048)
+        uniform = uniform.to(torch.float16)
+        self._rand_log.append(uniform.clone())
+        return uniform.to(torch.get_default_dtype())
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape, generator=self._generator, dtype=torch.float32).to(torch.float16)
@@ -259,6 +273,8 @@ class Context:
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored once per fixture
     untrained: tuple[str, ...] = ()  # networks the script never switches to train()
+    draw_generator: torch.Generator | None = None  # the generator of the logged draws
+    rand_log: list[torch.Tensor] = dataclasses.field(default_factory=list)  # logged torch.rand draws
 
     def log_loss(self, namespace_name: str, key: str, loss: Callable) -> None:
         self.logged[key] = []
@@ -585,6 +601,83 @@ def _wire_simis(ctx: Context) -> None:
     ctx.extra["simis_weights0"] = {"A": simis_A.weights.clone(), "B": simis_B.weights.clone()}
 
 
+# ---- Basak (train_acisis.py: mean teacher, pseudo-labels sampled by class rates from fuzzy rank fusion)
+
+def _build_mean_teacher(ctx: Context) -> None:
+    model, optimizer = ctx.module.make_model_all()
+    ema_model, _ = ctx.module.make_model_all(ema=True)
+    model = ctx.module.kaiming_normal_init_weight(model)
+    ema_model = ctx.module.kaiming_normal_init_weight(ema_model)
+    ctx.networks.update(student=model, teacher=ema_model)
+    ctx.optimizers.update(student=optimizer)  # the script calls train() on both
+
+
+def _confidence_start(generator: torch.Generator, iterations: int) -> dict[str, torch.Tensor]:
+    """A ConfidenceArray part-way through an epoch: the sums of ``iterations`` iterations (about the values a
+    fresh network gives) and the class scores CC of earlier epochs, all float32-exact."""
+    k = NUM_CLASSES
+    draw = lambda: torch.rand(k, generator=generator, dtype=torch.float64)  # noqa: E731
+    start = {"entropy": iterations * (-5.3 + 0.5 * (draw() - 0.5)),
+             "confidence": iterations * (0.12 + 0.05 * draw()),
+             "variance": iterations * (0.08 + 0.05 * draw()),
+             "CC": 0.2 + 0.8 * draw()}
+    return {key: value.to(torch.float32) for key, value in start.items()}
+
+
+def _set_confidence_array(confs_arr: Any, start: dict[str, torch.Tensor], cur_iter: int) -> None:
+    for key, value in start.items():
+        setattr(confs_arr, key, value.double().clone())
+    sam_rate = 1 - confs_arr.CC
+    confs_arr.sam_rate = torch.pow(sam_rate / (sam_rate.max() + 1e-12), confs_arr.lambda_)
+    confs_arr.cur_iter = cur_iter
+
+
+def _wire_acisis(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    # cal_sampling_mask draws torch.rand through the script's module global
+    module.torch = TorchWithLoggedNoise(ctx.draw_generator, [], ctx.rand_log)
+    ctx.namespace.update(model=ctx.networks["student"], ema_model=ctx.networks["teacher"],
+                         optimizer=ctx.optimizers["student"])
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    ctx.log_loss("cps_loss_func", "cps", module.WeightedCrossEntropyLoss())
+    # The class rates are recomputed when an epoch's 8 iterations have been recorded (update_iter =
+    # len(unlabeled_loader)). Start 7 iterations into an epoch, so that iteration 1 recomputes them.
+    confs_arr = module.ConfidenceArray(num_cls=module.config.num_cls, momentum=0.99,
+                                       update_iter=ITERATIONS_PER_EPOCH)
+    start = _confidence_start(torch.Generator().manual_seed(SEED + 4), ITERATIONS_PER_EPOCH - 1)
+    _set_confidence_array(confs_arr, start, ITERATIONS_PER_EPOCH - 1)
+    ctx.namespace["confs_arr"] = confs_arr
+    ctx.hparams.update(sup_loss=args.sup_loss, ema_decay=0.99, ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
+                       cc_momentum=0.99, update_iter=ITERATIONS_PER_EPOCH, top_m=confs_arr.top_m,
+                       P_CCF=confs_arr.P_CCF, P_FR=confs_arr.P_FR, lambda_=confs_arr.lambda_, beta=confs_arr.beta)
+    ctx.extra["confidence_start"] = {**start, "cur_iter": ITERATIONS_PER_EPOCH - 1}
+
+
+def _confidence_state(confs_arr: Any) -> dict[str, Any]:
+    return {"entropy": confs_arr.entropy.clone(), "confidence": confs_arr.confidence.clone(),
+            "variance": confs_arr.variance.clone(), "CC": confs_arr.CC.clone(), "sam_rate": confs_arr.sam_rate.clone(),
+            "cur_iter": confs_arr.cur_iter}
+
+
+def _sampling_uniforms(ctx: Context, logits: torch.Tensor) -> torch.Tensor:
+    """The uniforms that counted: cal_sampling_mask draws one field per class and uses, at each voxel, the
+    field of the predicted class. Stored instead of all K fields (float16, exact)."""
+    assert len(ctx.rand_log) == NUM_CLASSES
+    predicted = logits.detach().argmax(1)
+    uniform = torch.zeros(predicted.shape, dtype=torch.float16)
+    for cls, field in enumerate(ctx.rand_log):
+        uniform = torch.where(predicted == cls, field, uniform)
+    ctx.rand_log.clear()
+    return uniform
+
+
+def _iteration_acisis(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["sampling_uniform"] = _sampling_uniforms(ctx, ns["output_u"])
+    entry["confidence_array"] = _confidence_state(ns["confs_arr"])
+    entry["sample_map_sum"] = float(ns["sample_map"].sum())
+    return {"sup": ctx.logged["sup"][-1], "cps": ctx.logged["cps"][-1]}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -601,6 +694,8 @@ METHOD_TABLE: dict[str, Method] = {
                     per_iteration=("class_weights",)),
     "simis": Method(build=_build_pair("xavier_normal"), wire=_wire_simis, iteration=_iteration_crest,
                     per_iteration=("class_weights",)),
+    "acisis": Method(build=_build_mean_teacher, wire=_wire_acisis, iteration=_iteration_acisis,
+                     per_iteration=("sampling_uniform", "confidence_array", "sample_map_sum")),
 }
 
 
@@ -630,7 +725,7 @@ def record(source: Path, method: str) -> dict[str, Any]:
         torch.manual_seed(SEED)  # the scripts' init functions draw from the global generator
         data_generator = torch.Generator().manual_seed(SEED)
         draw_generator = torch.Generator().manual_seed(SEED + 1)
-        ctx = Context(module=module, args=args, inputs=make_inputs(data_generator))
+        ctx = Context(module=module, args=args, inputs=make_inputs(data_generator), draw_generator=draw_generator)
         inputs = ctx.inputs
 
         # ---- networks, optimisers: the script's own set-up lines, in its order
