@@ -678,6 +678,63 @@ def _iteration_acisis(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -
     return {"sup": ctx.logged["sup"][-1], "cps": ctx.logged["cps"][-1]}
 
 
+# ---- CLD (static inverse-frequency weights, pseudo-labels sampled by per-class confidence)
+
+def _wire_cld(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    labeled = _labeled_set(ctx.inputs)
+    labeled.num_cls, labeled._weight = NUM_CLASSES, None
+    weight, counts = module.Synapse_AMOS_cld.weight(labeled)  # the script's own method on the stand-in
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss, weight=weight))
+    assert args.cps_loss == "wce"
+    ctx.log_loss("cps_loss_func", "cps", module.WeightedCrossEntropyLoss(weight=weight))
+    # The banks update their class confidences every confs_iter = 8 recorded batches (tot_iter % 8 == 0),
+    # by EMA 0.999 after the first time. At iteration 400 a run has just updated; start 7 batches into the
+    # next period instead (tot_iter 407, synthetic sums of 7 batches), so that iteration 1 updates.
+    generator = torch.Generator().manual_seed(SEED + 5)
+    label_counts = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES).double()
+    start = {}
+    banks = {}
+    for name in ("A", "B"):
+        bank = module.ConfidenceBank(num_cls=NUM_CLASSES, momentum=0.999, update_iter=args.confs_iter)
+        draw = lambda: torch.rand(NUM_CLASSES, generator=generator, dtype=torch.float64)  # noqa: E731
+        confs = (0.1 + 0.8 * draw()).to(torch.float32)
+        cnt = ((args.confs_iter - 1) * label_counts).to(torch.float32)
+        conf_all = (cnt.double() * (0.05 + 0.3 * draw())).to(torch.float32)
+        bank.confs, bank.confs_all, bank.confs_cnt = confs.double(), conf_all.double(), cnt.double()
+        bank.tot_iter = EPOCH * ITERATIONS_PER_EPOCH + args.confs_iter - 1
+        banks[name] = bank
+        start[name] = {"confs": confs, "confs_all": conf_all, "confs_cnt": cnt, "tot_iter": bank.tot_iter}
+    ctx.namespace.update(confs_A=banks["A"], confs_B=banks["B"])
+    # cal_sampling_mask's torch.rand, through the script's module global (after the banks, whose constructor
+    # draws its unused initial confidences from torch's global generator)
+    module.torch = TorchWithLoggedNoise(ctx.draw_generator, [], ctx.rand_log)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, confs_iter=args.confs_iter,
+                       confs_momentum=0.999, sampling_gamma=0.5)
+    ctx.extra["cld_weight"] = torch.as_tensor(weight, dtype=torch.float64)
+    ctx.extra["labeled_class_counts"] = torch.as_tensor(counts, dtype=torch.float64)
+    ctx.extra["bank_start"] = start
+
+
+def _iteration_cld(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    assert len(ctx.rand_log) == 2 * NUM_CLASSES  # A's map, then B's
+    fields_a, fields_b = ctx.rand_log[:NUM_CLASSES], ctx.rand_log[NUM_CLASSES:]
+    uniforms = {}
+    for name, fields in (("A", fields_a), ("B", fields_b)):
+        ctx.rand_log[:] = fields
+        uniforms[name] = _sampling_uniforms(ctx, ns[f"output_{name}"])
+    entry["sampling_uniform"] = uniforms
+    entry["banks"] = {name: {"confs": ns[f"confs_{name}"].confs.clone(), "confs_all": ns[f"confs_{name}"].confs_all.clone(),
+                             "confs_cnt": ns[f"confs_{name}"].confs_cnt.clone(), "tot_iter": ns[f"confs_{name}"].tot_iter}
+                      for name in ("A", "B")}
+    entry["sample_map_sum"] = {name: float(ns[f"sample_map_{name}"].sum()) for name in ("A", "B")}
+    cps = ctx.logged["cps"]
+    sup = ctx.logged["sup"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -696,6 +753,8 @@ METHOD_TABLE: dict[str, Method] = {
                     per_iteration=("class_weights",)),
     "acisis": Method(build=_build_mean_teacher, wire=_wire_acisis, iteration=_iteration_acisis,
                      per_iteration=("sampling_uniform", "confidence_array", "sample_map_sum")),
+    "cld": Method(build=_build_pair("xavier_normal"), wire=_wire_cld, iteration=_iteration_cld,
+                  per_iteration=("sampling_uniform", "banks", "sample_map_sum")),
 }
 
 

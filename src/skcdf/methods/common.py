@@ -163,12 +163,14 @@ def cross_entropy(logits: Tensor, labels: Tensor, class_weight: Tensor | None = 
     return F.cross_entropy(logits, labels, weight=None if class_weight is None else class_weight.to(logits.dtype))
 
 
-def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """DHC's ``WeightedCrossEntropyLoss()(logits, target, mask)`` and ``Onehot_WeightedCrossEntropyLoss``:
-    the mean over *all* voxels of CE(logits, target) · mask (a masked voxel counts as 0, it is not left out
-    of the mean). logits (b, K, …); target (b, …) int64; mask (b, …), no gradient through it."""
+def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    """DHC's ``WeightedCrossEntropyLoss(weight=w)(logits, target, mask)`` and ``Onehot_WeightedCrossEntropyLoss``:
+    the mean over *all* voxels of w[target] · CE(logits, target) · mask (a masked voxel counts as 0, it is not
+    left out of the mean; the class weight, if any, is not normalised). logits (b, K, …); target (b, …) int64;
+    mask (b, …), no gradient through it; class_weight (K,) or None."""
     logits = _loss_precision(logits)
-    return (F.cross_entropy(logits, target, reduction="none") * mask.detach().to(logits.dtype)).mean()
+    weight = None if class_weight is None else class_weight.to(logits.dtype)
+    return (F.cross_entropy(logits, target, weight=weight, reduction="none") * mask.detach().to(logits.dtype)).mean()
 
 
 # --------------------------------------------------------------------------------------------------
