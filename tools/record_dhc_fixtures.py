@@ -60,6 +60,7 @@ DEPL_HEAD_BIAS = {"A": 4.5, "B": 5.5}  # DePL only, see _prepare_depl()
 QHAT_STRIDE = 61  # DePL: the stored sample of the (1, K, *PATCH) marginals takes every 61st voxel
 #: Synapse, 20 % labeled: 16 unlabeled volumes in batches of 2. The DST scripts count iterations (GRL warm start)
 ITERATIONS_PER_EPOCH = 8
+URPC_FEATURE_SCALE = 64  # URPC's unet_3D_ds: widths 64·2^i / feature_scale, 1 … 16 here (DHC: 4, 16 … 256)
 UNLABELED_VOLUMES = 16  # Synapse, 20 % labeled: the unlabeled split (Adsh sizes its score bank by it)
 #: DHC's README command line: bash train3times_seeds_20p.sh -c 0 -t synapse -m <method> -e '' -l 3e-2 -w 0.1
 #: which runs code/train_<method>.py ... --base_lr 3e-2 -w 0.1 -ep 300 -sl labeled_20p -su unlabeled_20p -r
@@ -735,6 +736,33 @@ def _iteration_cld(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> d
             "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
 
 
+# ---- URPC (one 3D U-Net with four deep-supervision outputs, uncertainty-rectified pyramid consistency)
+
+def _build_urpc(ctx: Context) -> None:
+    module = ctx.module
+    base = module.unet_3D_ds
+    module.unet_3D_ds = lambda **kw: base(feature_scale=URPC_FEATURE_SCALE, **kw)  # narrowed, see the README
+    try:
+        model, optimizer = module.make_model_all()
+    finally:
+        module.unet_3D_ds = base
+    ctx.networks.update(model=model)
+    ctx.optimizers.update(model=optimizer)
+
+
+def _wire_urpc(ctx: Context) -> None:
+    ctx.namespace.update(model=ctx.networks["model"], optimizer=ctx.optimizers["model"],
+                         ce_loss=nn.CrossEntropyLoss(), dice_loss=ctx.module.SoftDiceLoss(smooth=1e-8),
+                         kl_distance=nn.KLDivLoss(reduction="none"))
+    ctx.hparams.update(feature_scale=URPC_FEATURE_SCALE, dropout_p=[0.5, 0.3, 0.2, 0.1])
+
+
+def _iteration_urpc(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    keys = [f"loss_ce_aux{k}" for k in range(1, 5)] + [f"loss_dice_aux{k}" for k in range(1, 5)]
+    keys += [f"consistency_loss_aux{k}" for k in range(1, 5)] + ["supervised_loss", "consistency_loss"]
+    return {key: float(ns[key]) for key in keys}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -755,6 +783,7 @@ METHOD_TABLE: dict[str, Method] = {
                      per_iteration=("sampling_uniform", "confidence_array", "sample_map_sum")),
     "cld": Method(build=_build_pair("xavier_normal"), wire=_wire_cld, iteration=_iteration_cld,
                   per_iteration=("sampling_uniform", "banks", "sample_map_sum")),
+    "urpc": Method(build=_build_urpc, wire=_wire_urpc, iteration=_iteration_urpc),
 }
 
 
@@ -763,15 +792,15 @@ METHOD_TABLE: dict[str, Method] = {
 # --------------------------------------------------------------------------------------------------
 
 def _log_dropouts(net: nn.Module, generator: torch.Generator, log: list[torch.Tensor]) -> None:
-    """Replace every ``Dropout3d(0.5)`` module of ``net`` by a :class:`LoggedDropout3d` writing to ``log``
-    (one log per network, in call order). A module used in several places is replaced once."""
+    """Replace every ``Dropout3d`` module of ``net`` by a :class:`LoggedDropout3d` of the same p writing to
+    ``log`` (one log per network, in call order). A module used in several places is replaced once."""
     found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Dropout3d)]
     assert found and getattr(net, "has_dropout", True), "no active Dropout3d"
     for name, old in found:
-        assert old.p == 0.5, name
+        assert 0 < old.p < 1, name
         parent_name, _, attr = name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, attr, LoggedDropout3d(0.5, generator, log))
+        setattr(parent, attr, LoggedDropout3d(old.p, generator, log))
 
 
 def record(source: Path, method: str) -> dict[str, Any]:
