@@ -1,15 +1,16 @@
 """Record replay fixtures of the semi-supervised baselines from the DHC code base (xmed-lab/DHC).
 
-    python tools/record_dhc_fixtures.py DHC_SOURCE OUT_DIR [--methods cps,uamt,dhc]
+    python tools/record_dhc_fixtures.py DHC_SOURCE OUT_DIR [--methods cps,uamt,dhc,dst,...]
 
 DHC_SOURCE is a checkout (or ``git archive``) of https://github.com/xmed-lab/DHC, the folder that holds
 ``code/``. For each method this imports ``code/train_<method>.py`` (with the command line of DHC's
 README: ``--base_lr 3e-2 -w 0.1 -ep 300 -r``), builds its networks with DHC's own ``make_model_all`` and
-init functions, narrowed to ``N_FILTERS`` base filters, and then runs the script's own inner training
+init functions, narrowed to ``N_FILTERS`` base filters (URPC's U-Net: ``URPC_FEATURE_SCALE``), and then runs the script's own inner training
 loop, ``for batch_l, batch_u in tqdm(zip(labeled_loader, unlabeled_loader)): ...``, taken verbatim from
 the script's ``__main__`` block with ``ast`` and executed over two batches. Nothing of the loop is
 re-typed here; this file only supplies what the loop reads (models, optimisers, loss functions, the two
-batches, ``epoch_num``, ``cps_w``) and watches what it does.
+batches, ``epoch_num``, ``cps_w``) and watches what it does. Each method is one entry of ``METHOD_TABLE``
+(a :class:`Method`: build the networks, adjust them, wire what the loop reads, read each iteration's results).
 
 Changes made so that the run is small, exact and replayable (all of them are also listed in the
 fixtures' README):
@@ -18,10 +19,14 @@ fixtures' README):
   ``Tensor.float`` and ``torch.FloatTensor`` give float64 (DHC's class-weight code casts to float32).
 * Mixed precision off: ``autocast`` is a null context and the ``GradScaler`` a pass-through (scale 1,
   never skips a step). The scripts' ``-m`` flag is on by default and their ``else`` branch raises.
-* Every random draw of the loop is made here, logged and stored: the ``Dropout3d(0.5)`` channel masks of
-  every forward (the module ``dropout`` of each VNet is replaced by an equivalent module that logs its
-  masks) and UA-MT's Gaussian input noise (``torch.randn_like`` seen by the loop). The noise is drawn in
-  float32 and widened, so that storing it in float32 is exact.
+* Every random draw of the loop is made here, logged and stored: the ``Dropout3d`` channel masks of
+  every forward (every ``Dropout3d`` module of each network is replaced by an equivalent module that logs
+  its masks), UA-MT's Gaussian input noise (``torch.randn_like`` seen by the loop; drawn in float32 and
+  rounded to float16, so that storing it in float16 is exact) and the uniforms of Basak's and CLD's
+  sampling maps (``torch.rand`` of the script's module; on the grid k/2048, exact in float16).
+* Method states that only change every few iterations (Adsh's score bank, Basak's and CLD's confidence
+  statistics) start part-way through their period, and a few heads are biased so that confidence
+  thresholds are passed: see the README's table.
 * The data loaders are replaced by the two stored batches (crop and flips happen in the loader, before
   the loop; the batches are what the loop receives).
 * The learning rate and ``cps_w`` are those the script has set when epoch ``EPOCH`` starts:
