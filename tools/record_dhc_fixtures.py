@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import copy
 import dataclasses
 import importlib.util
 import subprocess
