@@ -1,15 +1,16 @@
 """Record replay fixtures of the semi-supervised baselines from the DHC code base (xmed-lab/DHC).
 
-    python tools/record_dhc_fixtures.py DHC_SOURCE OUT_DIR [--methods cps,uamt,dhc]
+    python tools/record_dhc_fixtures.py DHC_SOURCE OUT_DIR [--methods cps,uamt,dhc,dst,...]
 
 DHC_SOURCE is a checkout (or ``git archive``) of https://github.com/xmed-lab/DHC, the folder that holds
 ``code/``. For each method this imports ``code/train_<method>.py`` (with the command line of DHC's
 README: ``--base_lr 3e-2 -w 0.1 -ep 300 -r``), builds its networks with DHC's own ``make_model_all`` and
-init functions, narrowed to ``N_FILTERS`` base filters, and then runs the script's own inner training
+init functions, narrowed to ``N_FILTERS`` base filters (URPC's U-Net: ``URPC_FEATURE_SCALE``), and then runs the script's own inner training
 loop, ``for batch_l, batch_u in tqdm(zip(labeled_loader, unlabeled_loader)): ...``, taken verbatim from
 the script's ``__main__`` block with ``ast`` and executed over two batches. Nothing of the loop is
 re-typed here; this file only supplies what the loop reads (models, optimisers, loss functions, the two
-batches, ``epoch_num``, ``cps_w``) and watches what it does.
+batches, ``epoch_num``, ``cps_w``) and watches what it does. Each method is one entry of ``METHOD_TABLE``
+(a :class:`Method`: build the networks, adjust them, wire what the loop reads, read each iteration's results).
 
 Changes made so that the run is small, exact and replayable (all of them are also listed in the
 fixtures' README):
@@ -18,10 +19,14 @@ fixtures' README):
   ``Tensor.float`` and ``torch.FloatTensor`` give float64 (DHC's class-weight code casts to float32).
 * Mixed precision off: ``autocast`` is a null context and the ``GradScaler`` a pass-through (scale 1,
   never skips a step). The scripts' ``-m`` flag is on by default and their ``else`` branch raises.
-* Every random draw of the loop is made here, logged and stored: the ``Dropout3d(0.5)`` channel masks of
-  every forward (the module ``dropout`` of each VNet is replaced by an equivalent module that logs its
-  masks) and UA-MT's Gaussian input noise (``torch.randn_like`` seen by the loop). The noise is drawn in
-  float32 and widened, so that storing it in float32 is exact.
+* Every random draw of the loop is made here, logged and stored: the ``Dropout3d`` channel masks of
+  every forward (every ``Dropout3d`` module of each network is replaced by an equivalent module that logs
+  its masks), UA-MT's Gaussian input noise (``torch.randn_like`` seen by the loop; drawn in float32 and
+  rounded to float16, so that storing it in float16 is exact) and the uniforms of Basak's and CLD's
+  sampling maps (``torch.rand`` of the script's module; on the grid k/2048, exact in float16).
+* Method states that only change every few iterations (Adsh's score bank, Basak's and CLD's confidence
+  statistics) start part-way through their period, and a few heads are biased so that confidence
+  thresholds are passed: see the README's table.
 * The data loaders are replaced by the two stored batches (crop and flips happen in the loader, before
   the loop; the batches are what the loop receives).
 * The learning rate and ``cps_w`` are those the script has set when epoch ``EPOCH`` starts:
@@ -33,7 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import copy
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -47,14 +52,20 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "skcdf-dhc-fixture-1"
-METHODS = ("cps", "uamt", "dhc")
 N_FILTERS = 1  # at 2 the six float64 states of a two-network method alone take 7 MB
 NUM_CLASSES = 14  # Synapse
 PATCH = (16, 16, 32)
 BATCH = 2  # labeled and unlabeled batch size, DHC's default
 EPOCH = 50  # the epoch both recorded iterations belong to
 SEED = 17
-TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see record()
+TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see _prepare_uamt()
+PSEUDO_HEAD_BIAS = 6.0  # DST only, see _prepare_dst()
+DEPL_HEAD_BIAS = {"A": 4.5, "B": 5.5}  # DePL only, see _prepare_depl()
+QHAT_STRIDE = 61  # DePL: the stored sample of the (1, K, *PATCH) marginals takes every 61st voxel
+#: Synapse, 20 % labeled: 16 unlabeled volumes in batches of 2. The DST scripts count iterations (GRL warm start)
+ITERATIONS_PER_EPOCH = 8
+URPC_FEATURE_SCALE = 64  # URPC's unet_3D_ds: widths 64·2^i / feature_scale, 1 … 16 here (DHC: 4, 16 … 256)
+UNLABELED_VOLUMES = 16  # Synapse, 20 % labeled: the unlabeled split (Adsh sizes its score bank by it)
 #: DHC's README command line: bash train3times_seeds_20p.sh -c 0 -t synapse -m <method> -e '' -l 3e-2 -w 0.1
 #: which runs code/train_<method>.py ... --base_lr 3e-2 -w 0.1 -ep 300 -sl labeled_20p -su unlabeled_20p -r
 ARGV = ["--task", "synapse", "--exp", "fixture", "--seed", "0", "-g", "0", "--base_lr", "0.03", "-w", "0.1",
@@ -74,11 +85,16 @@ def float64_cpu() -> Iterator[None]:
     nn.Module.cuda = lambda self, *a, **k: self
     torch.Tensor.float = lambda self, *a, **k: self.double()
     torch.FloatTensor = lambda data: torch.as_tensor(np.asarray(data), dtype=torch.float64).clone()
+    had_np_float = "float" in vars(np)
+    if not had_np_float:
+        np.float = float  # removed in numpy 1.24; DST's gradient reversal layer still calls it
     try:
         yield
     finally:
         torch.set_default_dtype(saved[0])
         torch.Tensor.cuda, nn.Module.cuda, torch.Tensor.float, torch.FloatTensor = saved[1:]
+        if not had_np_float:
+            del np.float
 
 
 class LoggedDropout3d(nn.Module):
@@ -106,10 +122,24 @@ class LoggedDropout3d(nn.Module):
 
 class TorchWithLoggedNoise:
     """Stands for the ``torch`` module inside the loop: ``randn_like`` is drawn from ``generator``, rounded
-    to float16 (so that the stored float16 copy is exact), widened and logged; every other name is torch's."""
+    to float16 (so that the stored float16 copy is exact), widened and logged; every other name is torch's.
 
-    def __init__(self, generator: torch.Generator, log: list[torch.Tensor]) -> None:
-        self._generator, self._log = generator, log
+    ``rand(*size)`` (Basak's and CLD's sampling masks, where this object also stands for the script's module
+    global ``torch``) draws uniforms on the grid k/2048, k = 0 … 2047 (exact in float16, never 1), and logs
+    them to ``rand_log``."""
+
+    def __init__(self, generator: torch.Generator, log: list[torch.Tensor],
+                 rand_log: list[torch.Tensor] | None = None) -> None:
+        self._generator, self._log, self._rand_log = generator, log, rand_log
+
+    def rand(self, *size: Any) -> torch.Tensor:
+        if self._rand_log is None:
+            raise RuntimeError("torch.rand in a loop that was not expected to draw uniforms")
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        uniform = (torch.floor(torch.rand(shape, generator=self._generator, dtype=torch.float32) * 2048) / 2048)
+        uniform = uniform.to(torch.float16)
+        self._rand_log.append(uniform.clone())
+        return uniform.to(torch.get_default_dtype())
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape, generator=self._generator, dtype=torch.float32).to(torch.float16)
@@ -179,6 +209,7 @@ def load_script(code_dir: Path, method: str) -> types.ModuleType:
     finally:
         sys.argv = saved_argv
     module.config.n_filters = N_FILTERS
+    module.config.patch_size = PATCH  # DePL's per-voxel class marginal has the patch's shape
     return module
 
 
@@ -229,8 +260,556 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 # Recording one method
 # --------------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
+# Per-method set-up: one entry per script
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Context:
+    """What a method's set-up functions see and fill in."""
+
+    module: types.ModuleType  # the imported script
+    args: argparse.Namespace  # its parsed command line
+    inputs: dict[str, torch.Tensor]
+    networks: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
+    namespace: dict[str, Any] = dataclasses.field(default_factory=dict)  # names the loop reads
+    logged: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # LoggedLoss values
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored once per fixture
+    untrained: tuple[str, ...] = ()  # networks the script never switches to train()
+    draw_generator: torch.Generator | None = None  # the generator of the logged draws
+    rand_log: list[torch.Tensor] = dataclasses.field(default_factory=list)  # logged torch.rand draws
+
+    def log_loss(self, namespace_name: str, key: str, loss: Callable) -> None:
+        self.logged[key] = []
+        self.namespace[namespace_name] = LoggedLoss(loss, self.logged[key])
+
+
+@dataclasses.dataclass
+class Method:
+    """How to record one script.
+
+    build: create ``ctx.networks`` / ``ctx.optimizers`` with the script's own set-up lines, in its order.
+    prepare: in-place changes to the fresh networks (before their weights are rounded to float32).
+    wire: what the loop reads besides the common names (models, loss functions, method state).
+    iteration: after each iteration, ``(ctx, namespace, entry) -> losses``; may add keys to ``entry``.
+    per_iteration: keys of ``entry`` stored per iteration as a list.
+    """
+
+    build: Callable[[Context], None]
+    wire: Callable[[Context], None]
+    iteration: Callable[[Context, dict[str, Any], dict[str, Any]], dict[str, float]]
+    prepare: Callable[[Context], None] = lambda ctx: None
+    per_iteration: tuple[str, ...] = ()
+
+
+def _build_pair(init_b: str) -> Callable[[Context], None]:
+    def build(ctx: Context) -> None:
+        model_A, optimizer_A = ctx.module.make_model_all()
+        model_B, optimizer_B = ctx.module.make_model_all()
+        model_A = ctx.module.kaiming_normal_init_weight(model_A)
+        model_B = getattr(ctx.module, f"{init_b}_init_weight")(model_B)
+        ctx.networks.update(A=model_A, B=model_B)
+        ctx.optimizers.update(A=optimizer_A, B=optimizer_B)
+    return build
+
+
+def _wire_pair(ctx: Context) -> None:
+    ctx.namespace.update(model_A=ctx.networks["A"], model_B=ctx.networks["B"],
+                         optimizer_A=ctx.optimizers["A"], optimizer_B=ctx.optimizers["B"])
+
+
+# ---- CPS
+
+def _wire_cps(ctx: Context) -> None:
+    _wire_pair(ctx)
+    for key, name in (("sup", "loss_func"), ("cps", "cps_loss_func")):
+        ctx.log_loss(name, key, ctx.module.make_loss_function(getattr(ctx.args, f"{key}_loss")))
+    ctx.hparams.update(sup_loss=ctx.args.sup_loss, cps_loss=ctx.args.cps_loss)
+
+
+def _iteration_cps(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    sup, cps = ctx.logged["sup"], ctx.logged["cps"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- UA-MT
+
+def _build_uamt(ctx: Context) -> None:
+    model, optimizer = ctx.module.make_model_all()
+    ema_model, _ = ctx.module.make_model_all(ema=True)
+    ctx.networks.update(student=model, teacher=ema_model)
+    ctx.optimizers.update(student=optimizer)
+    ctx.untrained = ("teacher",)  # UA-MT's teacher is never switched to eval() either: train mode as built
+
+
+def _prepare_uamt(ctx: Context) -> None:
+    # A randomly initialised 14-class head gives a mean teacher prediction with entropy near ln 14,
+    # far above the uncertainty threshold (< ln 2), so no voxel would pass and the consistency
+    # term would be exactly 0. Sharpen the teacher's head so that a part of the voxels passes.
+    with torch.no_grad():
+        head = ctx.networks["teacher"].out_conv
+        head.weight.mul_(TEACHER_HEAD_SCALE)
+        head.bias.zero_()[0] = TEACHER_HEAD_BIAS
+
+
+def _wire_uamt(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    ctx.namespace.update(model=ctx.networks["student"], ema_model=ctx.networks["teacher"],
+                         optimizer=ctx.optimizers["student"], ce_loss=nn.CrossEntropyLoss(),
+                         dice_loss=module.SoftDiceLoss(smooth=1e-8))
+    ctx.hparams.update(ema_decay=0.99, T=8, noise_std=0.1, noise_clip=0.2,
+                       ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
+                       threshold=float((0.75 + 0.25 * module.sigmoid_rampup(EPOCH, args.max_epoch)) * np.log(2)))
+
+
+def _iteration_uamt(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["uncertainty_mask_count"] = int(ns["mask"].sum())
+    return {key: float(ns[key]) for key in ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss")}
+
+
+# ---- DHC
+
+def _dhc_statistics(diffdw: Any, distdw: Any) -> dict[str, torch.Tensor]:
+    return {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
+            "cls_learn": diffdw.cls_learn.clone(), "cls_unlearn": diffdw.cls_unlearn.clone(),
+            "dice_weight": diffdw.dice_weight.clone()}
+
+
+def _wire_dhc(ctx: Context) -> None:
+    module, args, inputs = ctx.module, ctx.args, ctx.inputs
+    _wire_pair(ctx)
+
+    class LabeledSet:  # what DistDW.init_weights reads of the labeled Dataset
+        unlabeled = False
+        ids_list = list(range(BATCH))
+
+        def _get_data(self, data_id):
+            return data_id, None, inputs["label_l"][data_id].numpy()
+
+    diffdw = module.DiffDW(module.config.num_cls, accumulate_iters=50)
+    distdw = module.DistDW(module.config.num_cls, momentum=0.99)
+    weight_A = diffdw.init_weights()
+    weight_B = distdw.init_weights(LabeledSet())
+    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight))
+    ctx.namespace.update(diffdw=diffdw, distdw=distdw)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, diffdw_accumulate_iters=50,
+                       distdw_momentum=0.99)
+    ctx.extra["labeled_class_counts"] = torch.bincount(inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+    ctx.extra["dhc_state0"] = _dhc_statistics(diffdw, distdw)
+
+
+def _iteration_dhc(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["weight_A"] = ns["weight_A"].detach().clone()
+    entry["weight_B"] = ns["weight_B"].detach().clone()
+    entry["dhc_state"] = _dhc_statistics(ns["diffdw"], ns["distdw"])
+    losses = {key: ctx.logged[key][-1] for key in ("sup_A", "sup_B", "cps_A", "cps_B")}
+    return {**losses, "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- DST (decoupled pseudo-label head, worst-case head behind a gradient reversal layer)
+
+def _prepare_dst(ctx: Context) -> None:
+    # A pseudo label counts where the pseudo head's softmax exceeds 0.95. A random 14-class head never
+    # gets there, so both pseudo-label terms would be exactly 0: give class 0 a bias of PSEUDO_HEAD_BIAS in
+    # both pseudo heads, so that part of the voxels passes. The GRL's iteration count is set to where a
+    # Synapse-20 % run is when epoch EPOCH starts (the script steps it once per iteration).
+    with torch.no_grad():
+        for net in ctx.networks.values():
+            net.decoder_pseudo.head.bias.zero_()[0] = PSEUDO_HEAD_BIAS
+            net.decoder_worst.grl_layer.iter_num = EPOCH * ITERATIONS_PER_EPOCH
+
+
+def _wire_dst(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    assert args.cps_loss == "wce"
+    ctx.log_loss("cps_loss_func", "cps", module.Onehot_WeightedCrossEntropyLoss())
+    ctx.log_loss("worst_case_criterion", "worst", module.WorstCaseEstimationLoss())
+    grl = ctx.networks["A"].decoder_worst.grl_layer
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, confidence_threshold=0.95,
+                       grl_alpha=grl.alpha, grl_lo=grl.lo, grl_hi=grl.hi, grl_max_iters=grl.max_iters,
+                       iterations_per_epoch=ITERATIONS_PER_EPOCH)
+    ctx.extra["grl_iter0"] = grl.iter_num
+
+
+def _iteration_dst(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["pseudo_mask_count"] = {"A": int(ns["mask_A"].sum()), "B": int(ns["mask_B"].sum())}
+    entry["grl_iter"] = {name: net.decoder_worst.grl_layer.iter_num for name, net in ctx.networks.items()}
+    sup, cps, worst = ctx.logged["sup"], ctx.logged["cps"], ctx.logged["worst"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1], "worst_A": worst[-2],
+            "worst_B": worst[-1], "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"]),
+            "worst": float(ns["loss_worst_case"])}
+
+
+# ---- DePL (debiased pseudo-labels: logit adjustment by a running per-voxel class marginal)
+
+def _prepare_depl(ctx: Context) -> None:
+    # The pseudo-labels count where the debiased softmax reaches 0.9; a random 14-class head never does, so
+    # both terms would be exactly 0: give class 0 a bias (DEPL_HEAD_BIAS) in both heads,
+    # chosen so that a part of the voxels passes in each.
+    with torch.no_grad():
+        for name, net in ctx.networks.items():
+            net.out_conv.bias.zero_()[0] = DEPL_HEAD_BIAS[name]
+
+
+def _qhat_summary(qhat: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = qhat.detach().reshape(NUM_CLASSES, -1)
+    return {"class_sum": flat.sum(1).clone(), "sample": flat[:, ::QHAT_STRIDE].clone()}
+
+
+def _wire_depl(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    ctx.log_loss("cps_loss_func", "cps", module.WeightedCrossEntropyLoss())
+    # The script starts both marginals at 1/K everywhere (initial_qhat) and never resets them. A uniform
+    # marginal makes the debiasing a no-op in the first iteration, so start from the state of a run that
+    # has seen a class prior: per class a float32-exact value, the same at every voxel.
+    uniform = module.initial_qhat(class_num=NUM_CLASSES)
+    assert tuple(uniform.shape) == (1, NUM_CLASSES, *PATCH)
+    generator = torch.Generator().manual_seed(SEED + 2)
+    qhat0 = {}
+    for name in ("A", "B"):
+        prior = torch.softmax(torch.randn(NUM_CLASSES, generator=generator, dtype=torch.float64), 0)
+        prior = (0.5 / NUM_CLASSES + 0.5 * prior).to(torch.float32).to(torch.float64)
+        qhat0[name] = prior
+        ctx.namespace[f"qhat_{name}"] = prior.view(1, -1, 1, 1, 1).expand_as(uniform).clone()
+    ctx.namespace["tau"] = 1.0  # the script's value, set before its epoch loop
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss="WeightedCrossEntropyLoss (masked)", tau=1.0,
+                       threshold=0.9, qhat_momentum=0.99, qhat_stride=QHAT_STRIDE)
+    ctx.extra["qhat0_class"] = {name: q.to(torch.float32) for name, q in qhat0.items()}
+
+
+def _iteration_depl(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["pseudo_mask_count"] = {"A": int(ns["mask_A"].sum()), "B": int(ns["mask_B"].sum())}
+    entry["qhat"] = {"A": _qhat_summary(ns["qhat_A"]), "B": _qhat_summary(ns["qhat_B"])}
+    sup, cps = ctx.logged["sup"], ctx.logged["cps"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- Adsh (adaptive per-class thresholds from a bank of unlabeled scores)
+
+def _adsh_start(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse logits (BATCH, K, *PATCH/4) for the bank rows filled before the recorded iterations, and the
+    thresholds computed before them (K,), both float32-exact."""
+    small = (PATCH[0] // 4, PATCH[1] // 4, PATCH[2] // 4)
+    coarse = 2.0 * torch.randn((BATCH, NUM_CLASSES, *small), generator=generator, dtype=torch.float64)
+    coarse[:, 0] += 3.0  # class 0 the majority, confident (> 0.9) in a part of the voxels
+    thresholds = 0.03 + 0.12 * torch.rand(NUM_CLASSES, generator=generator, dtype=torch.float64)
+    return coarse.to(torch.float32), thresholds.to(torch.float32)
+
+
+def adsh_bank_rows(coarse: torch.Tensor) -> torch.Tensor:
+    """The stored bank rows: softmax of the trilinearly upsampled coarse logits (float64). The test calls
+    the same function of torch, so the rows agree to the last bit on the same build."""
+    return F.interpolate(coarse.double(), size=PATCH, mode="trilinear", align_corners=False).softmax(1)
+
+
+def _wire_adsh(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    assert args.cps_loss == "wce"
+    ctx.log_loss("cps_loss_func", "cps", module.ClassDependent_WeightedCrossEntropyLoss())
+    # The bank holds tot_iter = 16 // 4 = 4 unlabeled samples; get_thresholds stores a batch of 2 while
+    # cur_iter < 3 and otherwise recomputes the thresholds from the bank (not from the current batch) and
+    # starts over. So a run cycles store [0:2], store [2:4], recompute; at iteration 400 = 50 × 8 it is at
+    # "store [2:4]" (400 mod 3 = 1). Set both banks there: rows [0:2] and the thresholds in use are a
+    # synthetic earlier state (stored), iteration 1 stores its output in rows [2:4], iteration 2 recomputes.
+    generator = torch.Generator().manual_seed(SEED + 3)
+    start = {}
+    for name in ("A", "B"):
+        adsh = module.ADSH(num_cls=NUM_CLASSES, thresh_major=0.9, tot_iter=UNLABELED_VOLUMES // 4)
+        assert tuple(adsh.scores.shape) == (4, NUM_CLASSES, *PATCH)
+        coarse, thresholds = _adsh_start(generator)
+        adsh.scores[0:BATCH] = adsh_bank_rows(coarse)
+        adsh.cur_iter = BATCH
+        adsh.thresholds.copy_(thresholds.double())
+        ctx.namespace[f"adsh_{name}"] = adsh
+        start[name] = {"coarse_logits": coarse, "thresholds": thresholds, "cur_iter": BATCH}
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, thresh_major=0.9,
+                       bank_size=UNLABELED_VOLUMES // 4, iteration0=EPOCH * ITERATIONS_PER_EPOCH)
+    ctx.extra["adsh_start"] = start
+
+
+def _iteration_adsh(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["adsh"] = {name: {"thresholds": ns[f"adsh_{name}"].thresholds.clone(),
+                            "cur_iter": ns[f"adsh_{name}"].cur_iter,
+                            "sample_map_count": ns[f"sample_map_{name}"].sum((0, 2, 3, 4)).long()}
+                     for name in ("A", "B")}
+    sup, cps = ctx.logged["sup"], ctx.logged["cps"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- CReST (class-rebalancing weights from the pseudo-label distribution)
+
+def _labeled_set(inputs: dict[str, torch.Tensor]) -> Any:
+    class LabeledSet:  # what DistDW.init_weights and CReST.init_crest_weight read of the labeled Dataset
+        unlabeled = False
+        ids_list = list(range(BATCH))
+
+        def _get_data(self, data_id):
+            return data_id, None, inputs["label_l"][data_id].numpy()
+
+    return LabeledSet()
+
+
+def _wire_crest(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    crest_A = module.CReST(module.config.num_cls, do_bg=True, momentum=0.99)
+    crest_B = module.CReST(module.config.num_cls, do_bg=True, momentum=0.99)
+    weight_A = crest_A.init_crest_weight(_labeled_set(ctx.inputs))
+    weight_B = crest_B.init_crest_weight(_labeled_set(ctx.inputs))
+    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight=weight))
+    ctx.namespace.update(crest_A=crest_A, crest_B=crest_B)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, crest_momentum=0.99, crest_alpha=1 / 3)
+    ctx.extra["labeled_class_counts"] = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+    ctx.extra["crest_weights0"] = {"A": crest_A.weights.clone(), "B": crest_B.weights.clone()}
+
+
+def _iteration_crest(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    """CReST and SimiS: the class weights in use, and the four loss terms."""
+    entry["class_weights"] = {"A": ns["weight_A"].detach().clone(), "B": ns["weight_B"].detach().clone()}
+    losses = {key: ctx.logged[key][-1] for key in ("sup_A", "sup_B", "cps_A", "cps_B")}
+    return {**losses, "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- SimiS (class weights from the gap to the most frequent predicted class)
+
+def _wire_simis(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    simis_A = module.SimiS(module.config.num_cls, do_bg=True, momentum=0.99)
+    simis_B = module.SimiS(module.config.num_cls, do_bg=True, momentum=0.99)
+    weight_A = simis_A.init_weight(_labeled_set(ctx.inputs))
+    weight_B = simis_B.init_weight(_labeled_set(ctx.inputs))
+    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
+                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
+        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
+        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight=weight))
+    ctx.namespace.update(simis_A=simis_A, simis_B=simis_B)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, simis_momentum=0.99)
+    ctx.extra["labeled_class_counts"] = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
+    ctx.extra["simis_weights0"] = {"A": simis_A.weights.clone(), "B": simis_B.weights.clone()}
+
+
+# ---- Basak (train_acisis.py: mean teacher, pseudo-labels sampled by class rates from fuzzy rank fusion)
+
+def _build_mean_teacher(ctx: Context) -> None:
+    model, optimizer = ctx.module.make_model_all()
+    ema_model, _ = ctx.module.make_model_all(ema=True)
+    model = ctx.module.kaiming_normal_init_weight(model)
+    ema_model = ctx.module.kaiming_normal_init_weight(ema_model)
+    ctx.networks.update(student=model, teacher=ema_model)
+    ctx.optimizers.update(student=optimizer)  # the script calls train() on both
+
+
+def _confidence_start(generator: torch.Generator, iterations: int) -> dict[str, torch.Tensor]:
+    """A ConfidenceArray part-way through an epoch: the sums of ``iterations`` iterations (about the values a
+    fresh network gives) and the class scores CC of earlier epochs, all float32-exact."""
+    k = NUM_CLASSES
+    draw = lambda: torch.rand(k, generator=generator, dtype=torch.float64)  # noqa: E731
+    start = {"entropy": iterations * (-5.3 + 0.5 * (draw() - 0.5)),
+             "confidence": iterations * (0.12 + 0.05 * draw()),
+             "variance": iterations * (0.08 + 0.05 * draw()),
+             "CC": 0.2 + 0.8 * draw()}
+    return {key: value.to(torch.float32) for key, value in start.items()}
+
+
+def _set_confidence_array(confs_arr: Any, start: dict[str, torch.Tensor], cur_iter: int) -> None:
+    for key, value in start.items():
+        setattr(confs_arr, key, value.double().clone())
+    sam_rate = 1 - confs_arr.CC
+    confs_arr.sam_rate = torch.pow(sam_rate / (sam_rate.max() + 1e-12), confs_arr.lambda_)
+    confs_arr.cur_iter = cur_iter
+
+
+def _wire_acisis(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    # cal_sampling_mask draws torch.rand through the script's module global
+    module.torch = TorchWithLoggedNoise(ctx.draw_generator, [], ctx.rand_log)
+    ctx.namespace.update(model=ctx.networks["student"], ema_model=ctx.networks["teacher"],
+                         optimizer=ctx.optimizers["student"])
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss))
+    ctx.log_loss("cps_loss_func", "cps", module.WeightedCrossEntropyLoss())
+    # The class rates are recomputed when an epoch's 8 iterations have been recorded (update_iter =
+    # len(unlabeled_loader)). Start 7 iterations into an epoch, so that iteration 1 recomputes them.
+    confs_arr = module.ConfidenceArray(num_cls=module.config.num_cls, momentum=0.99,
+                                       update_iter=ITERATIONS_PER_EPOCH)
+    start = _confidence_start(torch.Generator().manual_seed(SEED + 4), ITERATIONS_PER_EPOCH - 1)
+    _set_confidence_array(confs_arr, start, ITERATIONS_PER_EPOCH - 1)
+    ctx.namespace["confs_arr"] = confs_arr
+    ctx.hparams.update(sup_loss=args.sup_loss, ema_decay=0.99, ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
+                       cc_momentum=0.99, update_iter=ITERATIONS_PER_EPOCH, top_m=confs_arr.top_m,
+                       P_CCF=confs_arr.P_CCF, P_FR=confs_arr.P_FR, lambda_=confs_arr.lambda_, beta=confs_arr.beta)
+    ctx.extra["confidence_start"] = {**start, "cur_iter": ITERATIONS_PER_EPOCH - 1}
+
+
+def _confidence_state(confs_arr: Any) -> dict[str, Any]:
+    return {"entropy": confs_arr.entropy.clone(), "confidence": confs_arr.confidence.clone(),
+            "variance": confs_arr.variance.clone(), "CC": confs_arr.CC.clone(), "sam_rate": confs_arr.sam_rate.clone(),
+            "cur_iter": confs_arr.cur_iter}
+
+
+def _sampling_uniforms(ctx: Context, logits: torch.Tensor) -> torch.Tensor:
+    """The uniforms that counted: cal_sampling_mask draws one field per class and uses, at each voxel, the
+    field of the predicted class. Stored instead of all K fields (float16, exact)."""
+    assert len(ctx.rand_log) == NUM_CLASSES
+    predicted = logits.detach().argmax(1)
+    uniform = torch.zeros(predicted.shape, dtype=torch.float16)
+    for cls, field in enumerate(ctx.rand_log):
+        uniform = torch.where(predicted == cls, field, uniform)
+    ctx.rand_log.clear()
+    return uniform
+
+
+def _iteration_acisis(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    entry["sampling_uniform"] = _sampling_uniforms(ctx, ns["output_u"])
+    entry["confidence_array"] = _confidence_state(ns["confs_arr"])
+    entry["sample_map_sum"] = float(ns["sample_map"].sum())
+    return {"sup": ctx.logged["sup"][-1], "cps": ctx.logged["cps"][-1]}
+
+
+# ---- CLD (static inverse-frequency weights, pseudo-labels sampled by per-class confidence)
+
+def _wire_cld(ctx: Context) -> None:
+    module, args = ctx.module, ctx.args
+    _wire_pair(ctx)
+    labeled = _labeled_set(ctx.inputs)
+    labeled.num_cls, labeled._weight = NUM_CLASSES, None
+    weight, counts = module.Synapse_AMOS_cld.weight(labeled)  # the script's own method on the stand-in
+    ctx.log_loss("loss_func", "sup", module.make_loss_function(args.sup_loss, weight=weight))
+    assert args.cps_loss == "wce"
+    ctx.log_loss("cps_loss_func", "cps", module.WeightedCrossEntropyLoss(weight=weight))
+    # The banks update their class confidences every confs_iter = 8 recorded batches (tot_iter % 8 == 0),
+    # by EMA 0.999 after the first time. At iteration 400 a run has just updated; start 7 batches into the
+    # next period instead (tot_iter 407, synthetic sums of 7 batches), so that iteration 1 updates.
+    generator = torch.Generator().manual_seed(SEED + 5)
+    label_counts = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES).double()
+    start = {}
+    banks = {}
+    for name in ("A", "B"):
+        bank = module.ConfidenceBank(num_cls=NUM_CLASSES, momentum=0.999, update_iter=args.confs_iter)
+        draw = lambda: torch.rand(NUM_CLASSES, generator=generator, dtype=torch.float64)  # noqa: E731
+        confs = (0.1 + 0.8 * draw()).to(torch.float32)
+        cnt = ((args.confs_iter - 1) * label_counts).to(torch.float32)
+        conf_all = (cnt.double() * (0.05 + 0.3 * draw())).to(torch.float32)
+        bank.confs, bank.confs_all, bank.confs_cnt = confs.double(), conf_all.double(), cnt.double()
+        bank.tot_iter = EPOCH * ITERATIONS_PER_EPOCH + args.confs_iter - 1
+        banks[name] = bank
+        start[name] = {"confs": confs, "confs_all": conf_all, "confs_cnt": cnt, "tot_iter": bank.tot_iter}
+    ctx.namespace.update(confs_A=banks["A"], confs_B=banks["B"])
+    # cal_sampling_mask's torch.rand, through the script's module global (after the banks, whose constructor
+    # draws its unused initial confidences from torch's global generator)
+    module.torch = TorchWithLoggedNoise(ctx.draw_generator, [], ctx.rand_log)
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, confs_iter=args.confs_iter,
+                       confs_momentum=0.999, sampling_gamma=0.5)
+    ctx.extra["cld_weight"] = torch.as_tensor(weight, dtype=torch.float64)
+    ctx.extra["labeled_class_counts"] = torch.as_tensor(counts, dtype=torch.float64)
+    ctx.extra["bank_start"] = start
+
+
+def _iteration_cld(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    assert len(ctx.rand_log) == 2 * NUM_CLASSES  # A's map, then B's
+    fields_a, fields_b = ctx.rand_log[:NUM_CLASSES], ctx.rand_log[NUM_CLASSES:]
+    uniforms = {}
+    for name, fields in (("A", fields_a), ("B", fields_b)):
+        ctx.rand_log[:] = fields
+        uniforms[name] = _sampling_uniforms(ctx, ns[f"output_{name}"])
+    entry["sampling_uniform"] = uniforms
+    entry["banks"] = {name: {"confs": ns[f"confs_{name}"].confs.clone(), "confs_all": ns[f"confs_{name}"].confs_all.clone(),
+                             "confs_cnt": ns[f"confs_{name}"].confs_cnt.clone(), "tot_iter": ns[f"confs_{name}"].tot_iter}
+                      for name in ("A", "B")}
+    entry["sample_map_sum"] = {name: float(ns[f"sample_map_{name}"].sum()) for name in ("A", "B")}
+    cps = ctx.logged["cps"]
+    sup = ctx.logged["sup"]
+    return {"sup_A": sup[-2], "sup_B": sup[-1], "cps_A": cps[-2], "cps_B": cps[-1],
+            "sup": float(ns["loss_sup"]), "cps": float(ns["loss_cps"])}
+
+
+# ---- URPC (one 3D U-Net with four deep-supervision outputs, uncertainty-rectified pyramid consistency)
+
+def _build_urpc(ctx: Context) -> None:
+    module = ctx.module
+    base = module.unet_3D_ds
+    module.unet_3D_ds = lambda **kw: base(feature_scale=URPC_FEATURE_SCALE, **kw)  # narrowed, see the README
+    try:
+        model, optimizer = module.make_model_all()
+    finally:
+        module.unet_3D_ds = base
+    ctx.networks.update(model=model)
+    ctx.optimizers.update(model=optimizer)
+
+
+def _wire_urpc(ctx: Context) -> None:
+    ctx.namespace.update(model=ctx.networks["model"], optimizer=ctx.optimizers["model"],
+                         ce_loss=nn.CrossEntropyLoss(), dice_loss=ctx.module.SoftDiceLoss(smooth=1e-8),
+                         kl_distance=nn.KLDivLoss(reduction="none"))
+    ctx.hparams.update(feature_scale=URPC_FEATURE_SCALE, dropout_p=[0.5, 0.3, 0.2, 0.1])
+
+
+def _iteration_urpc(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    keys = [f"loss_ce_aux{k}" for k in range(1, 5)] + [f"loss_dice_aux{k}" for k in range(1, 5)]
+    keys += [f"consistency_loss_aux{k}" for k in range(1, 5)] + ["supervised_loss", "consistency_loss"]
+    return {key: float(ns[key]) for key in keys}
+
+
+METHOD_TABLE: dict[str, Method] = {
+    "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
+    "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
+                   per_iteration=("uncertainty_mask_count",)),
+    "dhc": Method(build=_build_pair("kaiming_normal"), wire=_wire_dhc, iteration=_iteration_dhc,
+                  per_iteration=("weight_A", "weight_B", "dhc_state")),
+    "dst": Method(build=_build_pair("xavier_normal"), prepare=_prepare_dst, wire=_wire_dst, iteration=_iteration_dst,
+                  per_iteration=("pseudo_mask_count", "grl_iter")),
+    "depl": Method(build=_build_pair("xavier_normal"), prepare=_prepare_depl, wire=_wire_depl,
+                   iteration=_iteration_depl, per_iteration=("pseudo_mask_count", "qhat")),
+    "adsh": Method(build=_build_pair("xavier_normal"), wire=_wire_adsh, iteration=_iteration_adsh,
+                   per_iteration=("adsh",)),
+    "crest": Method(build=_build_pair("xavier_normal"), wire=_wire_crest, iteration=_iteration_crest,
+                    per_iteration=("class_weights",)),
+    "simis": Method(build=_build_pair("xavier_normal"), wire=_wire_simis, iteration=_iteration_crest,
+                    per_iteration=("class_weights",)),
+    "acisis": Method(build=_build_mean_teacher, wire=_wire_acisis, iteration=_iteration_acisis,
+                     per_iteration=("sampling_uniform", "confidence_array", "sample_map_sum")),
+    "cld": Method(build=_build_pair("xavier_normal"), wire=_wire_cld, iteration=_iteration_cld,
+                  per_iteration=("sampling_uniform", "banks", "sample_map_sum")),
+    "urpc": Method(build=_build_urpc, wire=_wire_urpc, iteration=_iteration_urpc),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording one method
+# --------------------------------------------------------------------------------------------------
+
+def _log_dropouts(net: nn.Module, generator: torch.Generator, log: list[torch.Tensor]) -> None:
+    """Replace every ``Dropout3d`` module of ``net`` by a :class:`LoggedDropout3d` of the same p writing to
+    ``log`` (one log per network, in call order). A module used in several places is replaced once."""
+    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Dropout3d)]
+    assert found and getattr(net, "has_dropout", True), "no active Dropout3d"
+    for name, old in found:
+        assert 0 < old.p < 1, name
+        parent_name, _, attr = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, attr, LoggedDropout3d(old.p, generator, log))
+
+
 def record(source: Path, method: str) -> dict[str, Any]:
     code_dir = source / "code"
+    spec = METHOD_TABLE[method]
     with float64_cpu():
         module = load_script(code_dir, method)
         loop = training_loop(code_dir / f"train_{method}.py")
@@ -238,35 +817,16 @@ def record(source: Path, method: str) -> dict[str, Any]:
         torch.manual_seed(SEED)  # the scripts' init functions draw from the global generator
         data_generator = torch.Generator().manual_seed(SEED)
         draw_generator = torch.Generator().manual_seed(SEED + 1)
-        inputs = make_inputs(data_generator)
+        ctx = Context(module=module, args=args, inputs=make_inputs(data_generator), draw_generator=draw_generator)
+        inputs = ctx.inputs
 
-        # ---- networks, optimisers, losses: the script's own set-up lines, in its order
-        if method == "cps":
-            model_A, optimizer_A = module.make_model_all()
-            model_B, optimizer_B = module.make_model_all()
-            model_A = module.kaiming_normal_init_weight(model_A)
-            model_B = module.xavier_normal_init_weight(model_B)
-            networks = {"A": model_A, "B": model_B}
-            optimizers = {"A": optimizer_A, "B": optimizer_B}
-        elif method == "uamt":
-            model, optimizer = module.make_model_all()
-            ema_model, _ = module.make_model_all(ema=True)
-            networks = {"student": model, "teacher": ema_model}
-            optimizers = {"student": optimizer}
-        elif method == "dhc":
-            model_A, optimizer_A = module.make_model_all()
-            model_B, optimizer_B = module.make_model_all()
-            model_A = module.kaiming_normal_init_weight(model_A)
-            model_B = module.kaiming_normal_init_weight(model_B)
-            networks = {"A": model_A, "B": model_B}
-            optimizers = {"A": optimizer_A, "B": optimizer_B}
-        else:
-            raise ValueError(method)
+        # ---- networks, optimisers: the script's own set-up lines, in its order
+        spec.build(ctx)
+        networks, optimizers = ctx.networks, ctx.optimizers
 
         dropout_log: dict[str, list[torch.Tensor]] = {name: [] for name in networks}
         for name, net in networks.items():
-            assert isinstance(net.dropout, nn.Dropout3d) and net.dropout.p == 0.5 and net.has_dropout
-            net.dropout = LoggedDropout3d(0.5, draw_generator, dropout_log[name])
+            _log_dropouts(net, draw_generator, dropout_log[name])
         noise_log: list[torch.Tensor] = []
 
         lr = module.poly_lr(EPOCH - 1, args.max_epoch, args.base_lr, 0.9)
@@ -274,76 +834,30 @@ def record(source: Path, method: str) -> dict[str, Any]:
             optimizer.param_groups[0]["lr"] = lr
         cps_w = module.get_current_consistency_weight(EPOCH - 1)
 
-        if method == "uamt":
-            # A randomly initialised 14-class head gives a mean teacher prediction with entropy near ln 14,
-            # far above the uncertainty threshold (< ln 2), so no voxel would pass and the consistency
-            # term would be exactly 0. Sharpen the teacher's head so that a part of the voxels passes.
-            with torch.no_grad():
-                head = networks["teacher"].out_conv
-                head.weight.mul_(TEACHER_HEAD_SCALE)
-                head.bias.zero_()[0] = TEACHER_HEAD_BIAS
+        spec.prepare(ctx)
         with torch.no_grad():  # float32-exact initial weights: state0 is stored as float32 without loss
             for net in networks.values():
                 for tensor in net.state_dict().values():
                     if tensor.is_floating_point():
                         tensor.copy_(tensor.to(torch.float32))
         state0 = {name: _state(net) for name, net in networks.items()}
-        for net in networks.values():
-            if net is not networks.get("teacher"):
-                net.train()  # the scripts call train() on the trained networks; UA-MT's teacher is never
-                #             switched to eval() either, so it runs in train mode as built
+        for name, net in networks.items():
+            if name not in ctx.untrained:
+                net.train()  # the scripts call train() on the networks they train
 
-        namespace: dict[str, Any] = dict(vars(module))
+        namespace = ctx.namespace
+        namespace.update(vars(module))
         namespace.update(tqdm=lambda x: x, autocast=contextlib.nullcontext, amp_grad_scaler=PassThroughScaler(),
                          epoch_num=EPOCH, cps_w=cps_w, loss_list=[], loss_sup_list=[], loss_cps_list=[],
                          torch=TorchWithLoggedNoise(draw_generator, noise_log))
-        logged: dict[str, list[float]] = {}
-        hparams: dict[str, Any] = {
+        ctx.hparams.update({
             "base_lr": float(args.base_lr), "lr": float(lr), "momentum": 0.9, "weight_decay": 3e-5, "nesterov": True,
             "max_epoch": int(args.max_epoch), "epoch": EPOCH, "cps_w_max": float(args.cps_w),
             "cps_rampup": bool(args.cps_rampup), "cps_w": float(cps_w), "batch_labeled": BATCH,
             "batch_unlabeled": BATCH, "patch": list(PATCH), "num_classes": NUM_CLASSES,
-        }
-        extra: dict[str, Any] = {}
-        if method in ("cps", "dhc"):
-            namespace.update(model_A=networks["A"], model_B=networks["B"],
-                             optimizer_A=optimizers["A"], optimizer_B=optimizers["B"])
-        if method == "cps":
-            for key, name in (("sup", "loss_func"), ("cps", "cps_loss_func")):
-                logged[key] = []
-                namespace[name] = LoggedLoss(module.make_loss_function(getattr(args, f"{key}_loss")), logged[key])
-            hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss)
-        elif method == "uamt":
-            namespace.update(model=networks["student"], ema_model=networks["teacher"],
-                             optimizer=optimizers["student"], ce_loss=nn.CrossEntropyLoss(),
-                             dice_loss=module.SoftDiceLoss(smooth=1e-8))
-            hparams.update(ema_decay=0.99, T=8, noise_std=0.1, noise_clip=0.2,
-                           ema_alpha=min(1 - 1 / (EPOCH + 1), 0.99),
-                           threshold=float((0.75 + 0.25 * module.sigmoid_rampup(EPOCH, args.max_epoch)) * np.log(2)))
-        elif method == "dhc":
-            class LabeledSet:  # what DistDW.init_weights reads of the labeled Dataset
-                unlabeled = False
-                ids_list = list(range(BATCH))
-
-                def _get_data(self, data_id):
-                    return data_id, None, inputs["label_l"][data_id].numpy()
-
-            diffdw = module.DiffDW(module.config.num_cls, accumulate_iters=50)
-            distdw = module.DistDW(module.config.num_cls, momentum=0.99)
-            weight_A = diffdw.init_weights()
-            weight_B = distdw.init_weights(LabeledSet())
-            for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
-                                      ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
-                logged[key] = []
-                loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
-                namespace[name] = LoggedLoss(module.make_loss_function(loss_name, weight), logged[key])
-            namespace.update(diffdw=diffdw, distdw=distdw)
-            hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, diffdw_accumulate_iters=50,
-                           distdw_momentum=0.99)
-            extra["labeled_class_counts"] = torch.bincount(inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
-            extra["dhc_state0"] = {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
-                                   "cls_learn": diffdw.cls_learn.clone(), "cls_unlearn": diffdw.cls_unlearn.clone(),
-                                   "dice_weight": diffdw.dice_weight.clone()}
+        })
+        spec.wire(ctx)
+        hparams, extra = ctx.hparams, ctx.extra
 
         # ---- the two batches, and a snapshot between the iterations
         batches_l = [{"image": inputs["image_l"], "label": inputs["label_l"]}] * 2
@@ -358,24 +872,7 @@ def record(source: Path, method: str) -> dict[str, Any]:
                 log.clear()
             noise_log.clear()
             losses: dict[str, float] = {"total": float(namespace["loss"])}
-            if method == "cps":
-                losses.update(sup_A=logged["sup"][-2], sup_B=logged["sup"][-1], cps_A=logged["cps"][-2],
-                              cps_B=logged["cps"][-1])
-                losses.update(sup=float(namespace["loss_sup"]), cps=float(namespace["loss_cps"]))
-            elif method == "uamt":
-                for key in ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss"):
-                    losses[key] = float(namespace[key])
-                entry["uncertainty_mask_count"] = int(namespace["mask"].sum())
-            else:
-                for key in ("sup_A", "sup_B", "cps_A", "cps_B"):
-                    losses[key] = logged[key][-1]
-                losses.update(sup=float(namespace["loss_sup"]), cps=float(namespace["loss_cps"]))
-                entry["weight_A"] = namespace["weight_A"].detach().clone()
-                entry["weight_B"] = namespace["weight_B"].detach().clone()
-                entry["dhc_state"] = {"weights_B": distdw.weights.clone(), "last_dice": diffdw.last_dice.clone(),
-                                      "cls_learn": diffdw.cls_learn.clone(),
-                                      "cls_unlearn": diffdw.cls_unlearn.clone(),
-                                      "dice_weight": diffdw.dice_weight.clone()}
+            losses.update(spec.iteration(ctx, namespace, entry))
             entry["losses"] = losses
             iterations.append(entry)
 
@@ -394,8 +891,8 @@ def record(source: Path, method: str) -> dict[str, Any]:
                   "has_dropout": True}
     for it in iterations:  # with one base filter, Dropout3d on x9 drops the whole feature map of a sample
         for name, masks in it["dropout"].items():
-            for x9 in masks[1::2]:
-                assert x9.any(), f"{method}: a forward of {name} dropped x9 for every sample"
+            for mask in masks:
+                assert mask.shape[1] > 1 or mask.any(), f"{method}: a forward of {name} dropped x9 for every sample"
     return {
         "format": FORMAT, "method": method, "dhc_script": f"code/train_{method}.py",
         "dhc_commit": _git_commit(source), "argv": list(ARGV), "torch_version": str(torch.__version__),
@@ -407,8 +904,7 @@ def record(source: Path, method: str) -> dict[str, Any]:
         "draws": [{"dropout": it["dropout"], "noise": it["noise"]} for it in iterations],
         "losses": [it["losses"] for it in iterations],
         "state1": iterations[0]["state"], "state2": iterations[1]["state"],
-        **{f"{key}": [it[key] for it in iterations] for key in ("weight_A", "weight_B", "dhc_state",
-                                                               "uncertainty_mask_count") if key in iterations[0]},
+        **{key: [it[key] for it in iterations] for key in spec.per_iteration},
         **extra,
     }
 
@@ -417,7 +913,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dhc_source", type=Path, help="DHC checkout (the folder holding code/)")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHOD_TABLE))
     options = parser.parse_args(argv)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

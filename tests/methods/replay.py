@@ -9,6 +9,7 @@ max|ours − theirs| / max|theirs| per tensor (integer buffers exactly).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -48,11 +49,13 @@ def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-300))
 
 
-def assert_state_matches(net: torch.nn.Module, reference: dict[str, torch.Tensor], tolerance: float, what: str) -> None:
+def assert_state_matches(net: torch.nn.Module, reference: dict[str, torch.Tensor], tolerance: float, what: str,
+                         key_map: Callable[[str], str] = dhc_to_skcdf_key) -> None:
+    """``key_map`` maps a DHC state-dict key to ``net``'s (default: plain VNet)."""
     ours = net.state_dict()
     assert len(ours) == len(reference), what
     for key, value in reference.items():
-        mine = ours[dhc_to_skcdf_key(key)]
+        mine = ours[key_map(key)]
         if value.is_floating_point():
             assert relative_difference(mine, value) <= tolerance, f"{what}: {key}"
         else:

@@ -5,7 +5,8 @@
   :class:`~skcdf.nn.vnet.Encoder` and :class:`~skcdf.nn.vnet.Decoder`, which have DHC's layout; only the
   dropout differs: DHC uses one module for both places, here a :class:`ReplayableDropout3d` whose masks
   can be injected. :func:`from_dhc_state_dict` loads a DHC ``VNet`` state dict.
-* The DHC loss conventions (:func:`dice_ce`: CE − soft Dice, optionally class-weighted).
+* The DHC loss conventions (:func:`dice_ce`: CE − soft Dice, optionally class-weighted;
+  :func:`masked_cross_entropy`).
 * DHC's schedules (:func:`sigmoid_rampup`, :func:`weight_during_epoch`, :func:`lr_during_epoch`), which
   all move once per epoch.
 """
@@ -160,6 +161,16 @@ def cross_entropy(logits: Tensor, labels: Tensor, class_weight: Tensor | None = 
     """DHC's ``RobustCrossEntropyLoss(weight=w)``: voxel-mean CE (weighted mean with w). (b, K, …), (b, …)."""
     logits = _loss_precision(logits)
     return F.cross_entropy(logits, labels, weight=None if class_weight is None else class_weight.to(logits.dtype))
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    """DHC's ``WeightedCrossEntropyLoss(weight=w)(logits, target, mask)`` and ``Onehot_WeightedCrossEntropyLoss``:
+    the mean over *all* voxels of w[target] · CE(logits, target) · mask (a masked voxel counts as 0, it is not
+    left out of the mean; the class weight, if any, is not normalised). logits (b, K, …); target (b, …) int64;
+    mask (b, …), no gradient through it; class_weight (K,) or None."""
+    logits = _loss_precision(logits)
+    weight = None if class_weight is None else class_weight.to(logits.dtype)
+    return (F.cross_entropy(logits, target, weight=weight, reduction="none") * mask.detach().to(logits.dtype)).mean()
 
 
 # --------------------------------------------------------------------------------------------------
