@@ -14,19 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from skcdf import methods
 from skcdf.compare import Method, compare_to_reference, write_comparison
 from skcdf.utils import InputError, atomic_write_text
 
-#: Table 3 rows, in the paper's order, and the two references of SPEC §3.
-TABLE3_VARIANTS = ("baseline", "df", "df_skcm", "df_absh", "full")
-REFERENCE_VARIANTS = ("labeled_only", "fully_supervised")
 #: Table 5: knowledge-transfer orders (H→D, D→H→H, H→H→D, H→D→H; plain D is the +DF row).
 EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
-VARIANT_TITLES = {
-    "baseline": "Baseline (pseudo-labelling)", "df": "+ DF", "df_skcm": "+ DF + SKCM", "df_absh": "+ DF + ABSH",
-    "full": "SKCDF", "labeled_only": "Labeled only (VNet)", "fully_supervised": "Fully supervised (VNet)",
-}
-
 
 @dataclass
 class AblationRow:
@@ -39,7 +32,7 @@ class AblationRow:
     @property
     def run_name(self) -> str:
         """Folder name of the training run; equal overrides share it."""
-        parts = [str(self.overrides.get("variant", "full"))]
+        parts = [str(self.overrides.get("variant", methods.MAIN))]
         parts += [f"{k}-{str(v).replace(',', '-')}" for k, v in sorted(self.overrides.items()) if k != "variant"]
         return "_".join(parts)
 
@@ -48,14 +41,16 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
               mask_modes: bool = False) -> list[AblationRow]:
     """The rows to run: the given variants, then optionally Table 5's EMA orders, Table 4's labeled
     decoder, and the `exclude` balanced-mask mode (all on the full SKCDF)."""
-    rows = [AblationRow(VARIANT_TITLES.get(v, v), {"variant": v}) for v in variants]
+    main = methods.method(methods.MAIN)
+    rows = [AblationRow(methods.title(v), {"variant": v}) for v in variants]
     if ema_orders:
-        rows += [AblationRow(f"SKCDF, EMA {order}", {"variant": "full", **({} if order == "Hl,D,Hu" else {"ema_order": order})})
+        rows += [AblationRow(f"{main.title}, EMA {order}",
+                             {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
                  for order in EMA_ORDERS]
     if decoders:
-        rows.append(AblationRow("SKCDF, labeled decoder", {"variant": "full"}, decoder="labeled"))
+        rows.append(AblationRow(f"{main.title}, labeled decoder", {"variant": main.name}, decoder="labeled"))
     if mask_modes:
-        rows.append(AblationRow("SKCDF, mask mode exclude", {"variant": "full", "balance_mode": "exclude"}))
+        rows.append(AblationRow(f"{main.title}, mask mode exclude", {"variant": main.name, "balance_mode": "exclude"}))
     unique: dict[tuple, AblationRow] = {}
     for row in rows:  # e.g. "SKCDF" and "SKCDF, EMA Hl,D,Hu" are the same experiment
         unique.setdefault((row.run_name, row.decoder), row)
@@ -155,10 +150,10 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     writer.writerow(["variant", "seed", "iterations", "split", "mean_dice", *summaries[0]["class_abbrevs"]])
     writer.writerows(lines)
     atomic_write_text(Path(csv_path) if csv_path else out / "ablation.csv", buffer.getvalue())
-    methods = {variant_name(row.run_name, row.decoder):
+    compared = {variant_name(row.run_name, row.decoder):
                Method(row.title, {f"seed{seed}": evaluations[row.run_name, row.decoder, seed] for seed in seeds})
                for row in rows}
-    write_ablation_comparison(out, methods, data)
+    write_ablation_comparison(out, compared, data)
     return table
 
 
@@ -183,13 +178,13 @@ def ablation_methods(out: str | Path) -> dict[str, Method]:
             for variant, seeds in found.items()}
 
 
-def write_ablation_comparison(out: Path, methods: dict[str, Method], data: str | Path | None = None) -> Path:
+def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | Path | None = None) -> Path:
     """``OUT/comparison.md`` and ``.csv``: every method against labeled-only when there is one (else the
     first), paired over the test cases of the seeds both ran. Class groups from ``data`` (see
     :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
-    reference_key = "labeled_only" if "labeled_only" in methods else next(iter(methods))
-    reference = methods[reference_key]
-    others = [method for key, method in methods.items() if key != reference_key]
+    reference_key = methods.REFERENCE if methods.REFERENCE in found else next(iter(found))
+    reference = found[reference_key]
+    others = [method for key, method in found.items() if key != reference_key]
     rows = compare_to_reference(reference, others, data)
     heading = f"# Paired comparison against {reference.name} (`{Path(out)}`)"
     return write_comparison(out, rows, heading)

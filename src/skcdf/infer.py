@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skcdf.data.classes import SYNAPSE_NAMES
+from skcdf.device import autocast
 from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
 from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
 from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
@@ -220,20 +221,19 @@ def sliding_window_probabilities(
         mode: ``"constant"`` or ``"gaussian"`` blending.
         tta: average each window over these passes (see :func:`tta_flips`); True: the four
             in-plane flips of the reference (none, H, W, both), no channel swaps; False: no TTA.
-        amp: autocast ``model_fn`` on CUDA (bf16, or fp16 where bf16 is unsupported).
+        amp: autocast ``model_fn`` on CUDA (:func:`skcdf.device.autocast`: bf16, or fp16 where bf16 is
+            unsupported).
 
     Returns:
         ``(1, K, D, H, W)`` float32 probabilities on ``volume.device``.
     """
     overlap = overlap_for_stride(patch_size, stride)
     flips = _TTA_FLIPS if tta is True else tuple(tta) if tta else (TtaFlip(),)
-    on_cuda = volume.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
         total = None
         for flip in flips:
-            with torch.autocast(device_type=volume.device.type, dtype=amp_dtype, enabled=amp and on_cuda):
+            with autocast(volume.device, amp):
                 logits = model_fn(_flip(windows, flip.dims))
             probabilities = _unflip(torch.softmax(logits.float(), dim=1), flip)
             total = probabilities if total is None else total + probabilities

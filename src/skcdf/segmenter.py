@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from skcdf.data.preprocess import read_scan
+from skcdf.device import resolve_device
 from skcdf.infer import InferenceSettings, Network, PredictionSummary, predict_path, predict_scan
 from skcdf.utils import InputError
 
@@ -57,26 +58,25 @@ class Segmenter:
             run_or_checkpoint: a run folder (its best.pt, else last.pt), an skcdf checkpoint, a
                 reference ``best_model.pth``, or an ``.onnx`` file from ``skcdf export`` (run by
                 onnxruntime on the CPU; needs ``skcdf[onnx]``).
-            device: torch device, e.g. ``"cpu"`` or ``"cuda:0"`` (default: cuda when available, else cpu).
+            device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``; ``"auto"`` or None (the default):
+                CUDA, else MPS, else the CPU (:func:`skcdf.device.resolve_device`).
             settings: sliding-window options.
 
         Raises:
-            InputError: the file cannot be read or holds no model we know; a non-CPU device for an
-                ONNX model.
+            InputError: the file cannot be read or holds no model we know; a device this machine
+                lacks; a non-CPU device for an ONNX model.
         """
         path = Path(run_or_checkpoint)
         if path.suffix.lower() == ".onnx":
             from skcdf.export import OnnxModel
 
-            if device is not None and torch.device(device).type != "cpu":
+            if device not in (None, "auto") and resolve_device(device).type != "cpu":
                 raise InputError(f"{path}: ONNX models run on the CPU (onnxruntime), not on {device}")
             network = OnnxModel.load(path)
             return cls(network, network.preprocessing, settings)
         from skcdf.checkpoint import load_model
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, preprocessing = load_model(path, device=device)
+        model, preprocessing = load_model(path, device=resolve_device(device))
         return cls(model, preprocessing, settings)
 
     @property
