@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from skcdf import methods
 from skcdf.compare import Method, compare_to_reference, write_comparison
+from skcdf.parallel import available_cores
+from skcdf.report import aggregate, load_summary, render_table
 from skcdf.utils import InputError, atomic_write_text
+
+# torch, the trainer and prediction are imported where they are used: `skcdf compare` imports this
+# module (for ablation_methods) and should not wait seconds for them.
 
 #: Table 5: knowledge-transfer orders (H→D, D→H→H, H→H→D, H→D→H; plain D is the +DF row).
 EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
@@ -77,11 +84,6 @@ def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) 
             print(f"[ablate] training {number}/{len(todo)}: {run}", flush=True)
             _train_one(preset, settings, data, run)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from skcdf.data.parallel import available_cores
-
     threads = max(1, available_cores() // jobs)
     print(f"[ablate] training {len(todo)} run(s), {jobs} at a time ({threads} CPU thread(s) each)", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -111,8 +113,6 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     Also writes ``OUT/comparison.md`` and ``OUT/comparison.csv``: every row against labeled-only,
     paired over the test cases and seeds (:func:`write_ablation_comparison`).
     """
-    from skcdf.report import aggregate, load_summary, render_table
-
     data, out = Path(data), Path(out)
     evaluations = {(row.run_name, row.decoder, seed): out / row.run_name / f"seed{seed}" / f"eval-{row.decoder}"
                    for row in rows for seed in seeds}
@@ -165,8 +165,6 @@ def variant_name(run_name: str, decoder: str) -> str:
 def ablation_methods(out: str | Path) -> dict[str, Method]:
     """The evaluations found in an ablation folder, ``OUT/<run>/seed<S>/eval-<decoder>/``: one method per
     run and decoder, keyed by :func:`variant_name` and named as in their summary.json."""
-    from skcdf.report import load_summary
-
     found: dict[str, dict[str, Path]] = {}
     for summary in sorted(Path(out).glob("*/seed*/eval-*/summary.json")):
         evaluation = summary.parent
@@ -193,8 +191,9 @@ def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | P
 def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:
     """Predict the test split with the row's decoder and evaluate it into ``evaluation``."""
     from skcdf.checkpoint import load_model
-    from skcdf.infer import InferenceSettings, predict_dataset
-    from skcdf.metrics import evaluate_folders
+    from skcdf.evaluation import evaluate_folders
+    from skcdf.infer import InferenceSettings
+    from skcdf.predict import predict_dataset
 
     print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({row.decoder} decoder)", flush=True)
     model, preprocessing = load_model(run)

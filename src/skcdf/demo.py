@@ -24,6 +24,9 @@ from skcdf import methods
 from skcdf.methods import Method
 from skcdf.utils import atomic_write_text
 
+# The functions below import torch, the trainer and prediction where they use them: `skcdf --help`
+# imports this module (for DEFAULT_MINUTES), and should not wait seconds for them.
+
 #: The demo's training configuration (a preset) and the phantom it is sized for.
 PRESET = "phantom_tiny"
 PHANTOM_SHAPE = (32, 48, 48)
@@ -149,11 +152,11 @@ def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, see
     from skcdf.ablate import train_runs
     from skcdf.checkpoint import load_model
     from skcdf.data.layout import load_image, load_label, read_dataset_info, read_split
-    from skcdf.data.parallel import available_cores
     from skcdf.data.phantom import generate_phantom
-    from skcdf.infer import predict_dataset
-    from skcdf.metrics import evaluate_folders, read_label_file
     from skcdf.device import resolve_device
+    from skcdf.evaluation import evaluate_folders, read_label_file
+    from skcdf.parallel import available_cores
+    from skcdf.predict import predict_dataset
     from skcdf.viz import overlay_png, plot_curves
 
     out = Path(out)
