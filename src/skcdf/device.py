@@ -16,26 +16,39 @@ from skcdf.utils import InputError
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
 
-def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0, what: str = "device") -> torch.device:
     """"auto" (or None) → CUDA, else MPS, else CPU; "cuda" → cuda:<local rank> (this torchrun process's GPU).
+
+    what: how messages name the setting (e.g. ``--device``).
 
     Raises:
         InputError: ``name`` is not a torch device, or names one this machine does not have.
     """
-    name = "auto" if name is None else str(name)
+    given = "auto" if name is None else str(name)
+    name = given
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"device {name!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    device_type(name, what)  # InputError for a name torch does not know
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available")
+        raise InputError(f"{what} {given}: CUDA is not available on this machine")
     if device.type == "mps" and not mps_available():
-        raise InputError("device 'mps' requested but MPS is not available")
+        raise InputError(f"{what} {given}: MPS is not available on this machine")
     return device
+
+
+def device_type(name: str | torch.device, what: str = "device") -> str:
+    """The type of device ``name`` names ("cpu", "cuda", "mps", ...), whether or not this machine has it.
+
+    Raises:
+        InputError: ``name`` is not a torch device.
+    """
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        raise InputError(f"{what} {name}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
 
 
 def mps_available() -> bool:

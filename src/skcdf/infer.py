@@ -29,10 +29,11 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from skcdf.device import autocast
-from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
+from skcdf.data.classes import SYNAPSE_NAMES
 from skcdf.data.geometry import Geometry, resample_to_size, to_original_space
+from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
 from skcdf.data.preprocess import normalize_intensity
+from skcdf.device import autocast
 from skcdf.utils import InputError
 
 if TYPE_CHECKING:

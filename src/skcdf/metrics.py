@@ -26,6 +26,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import KDTree
 
+from skcdf.parallel import available_cores
+
 # SPEC §4: surface distance (voxels) reported when exactly one of prediction / reference is empty.
 EMPTY_PENALTY = 128.0
 

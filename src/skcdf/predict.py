@@ -236,7 +236,7 @@ def predict_path(
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
-    if source.is_dir() and not is_prepared_dataset(source) and not _scan_files(source) and is_dicom_folder(source):
+    if source.is_dir() and not is_prepared_dataset(source) and not _scan_files(source) and dicom.is_dicom_folder(source):
         overlap_for_stride(preprocessing["patch_size"], settings.stride)  # the usual message for a bad stride
         return PredictionSummary(
             written=predict_dicom_series(model, source, output_dir, preprocessing, settings, series_uid, dicom_seg))

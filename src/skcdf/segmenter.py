@@ -24,7 +24,7 @@ import torch
 
 from skcdf.checkpoint import load_model
 from skcdf.data.preprocess import read_scan
-from skcdf.device import resolve_device
+from skcdf.device import device_type, resolve_device
 from skcdf.dicomweb import is_dicomweb_url, read_url
 from skcdf.infer import InferenceSettings, Network, predict_scan
 from skcdf.predict import PredictionSummary, predict_path
@@ -73,7 +73,7 @@ class Segmenter:
         if path.suffix.lower() == ".onnx":
             from skcdf.export import OnnxModel  # only here: onnxruntime is the optional skcdf[onnx]
 
-            if device not in (None, "auto") and resolve_device(device).type != "cpu":
+            if device not in (None, "auto") and device_type(device) != "cpu":
                 raise InputError(f"{path}: ONNX models run on the CPU (onnxruntime), not on {device}")
             network = OnnxModel.load(path)
             return cls(network, network.preprocessing, settings)

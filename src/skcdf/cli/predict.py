@@ -70,6 +70,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 def load_segmenter(args: argparse.Namespace) -> "Segmenter":
     """The Segmenter of ``args.checkpoint`` with the options of :func:`add_inference_options`."""
+    from skcdf.device import resolve_device
     from skcdf.infer import InferenceSettings
     from skcdf.segmenter import Segmenter
 
@@ -82,7 +83,7 @@ def load_segmenter(args: argparse.Namespace) -> "Segmenter":
         tta=args.tta,
         amp=not args.no_amp,
     )
-    # the device is checked (skcdf.device.resolve_device) before the model is read
+    resolve_device(args.device, what="--device")  # a device this machine lacks fails before the model is read
     return Segmenter.load(args.checkpoint, device=args.device, settings=settings)
 
 
