@@ -14,29 +14,27 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from skcdf.data.layout import read_dataset_info, read_split
-from skcdf.train import trainer
+from skcdf.data.layout import read_dataset_info
 from skcdf.train.config import load_config
+from skcdf.train.processes import Processes
+from skcdf.train.streams import open_streams, select_cases
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
 
 
 def time_epochs(data: str, patch: list[int], workers: int, epochs: int) -> list[float]:
     config = load_config("synapse_20p", [f"patch_size={patch}", f"num_workers={workers}"])
-    window = read_dataset_info(data).get("window")
-    procs = trainer.Processes()
-    streams = [trainer._make_stream(data, read_split(data, config[f"{stream}_split"]), config, window,
-                                    stream == "labeled", stream, procs, False)[0]
-               for stream in ("labeled", "unlabeled")]
-    iterations = len(streams[1].dataset) // config["batch_unlabeled"]
+    procs = Processes()
+    streams = open_streams(config, Path(data), read_dataset_info(data), select_cases(config, Path(data), procs), procs)
     seconds = []
     for _ in range(epochs):
         start = time.perf_counter()
-        batches = [trainer._forever(loader) for loader in streams]  # fresh iterators each epoch
-        for _ in range(iterations):
+        batches = streams.batches()  # fresh iterators each epoch, as the trainer draws them
+        for _ in range(streams.iterations_per_epoch):
             for stream in batches:
                 next(stream)
         seconds.append(time.perf_counter() - start)

@@ -37,7 +37,8 @@ import numpy as np
 from medpy.metric import binary as medpy
 from scipy import ndimage
 
-from skcdf.metrics import class_boxes, evaluate_case, evaluate_folders, surface_voxels
+from skcdf.evaluation import evaluate_folders
+from skcdf.metrics import class_boxes, evaluate_case, surface_voxels
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
 

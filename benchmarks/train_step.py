@@ -109,7 +109,7 @@ def measure(config_name: str, implementation: str, device_name: str, repeats: in
 
     preset, overrides = CONFIGS[config_name]
     config = load_config(preset, overrides)
-    patch = tuple(config["patch_size"])
+    patch = tuple(config.patch_size)
     device = torch.device(device_name)
     if variant == "graphed" and device.type != "cuda":
         raise SystemExit("the graphed variant needs CUDA (CUDA graphs)")
@@ -118,11 +118,11 @@ def measure(config_name: str, implementation: str, device_name: str, repeats: in
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer: fixed shapes, fastest kernels picked once
-    model = SKCDFNet(num_classes=NUM_CLASSES, filters=config["filters"], patch_size=patch,
-                     num_heads=config["num_heads"]).to(device, memory_format=memory_format)
+    model = SKCDFNet(num_classes=NUM_CLASSES, filters=config.filters, patch_size=patch,
+                     num_heads=config.num_heads).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=3e-5,
                                 fused=True)
-    b_l, b_u = batch or (config["batch_labeled"], config["batch_unlabeled"])
+    b_l, b_u = batch or (config.batch_labeled, config.batch_unlabeled)
     x_l = torch.rand(b_l, 1, *patch, device=device).contiguous(memory_format=memory_format)
     y_l = torch.randint(0, NUM_CLASSES, (b_l, *patch), device=device)
     x_u = torch.rand(b_u, 1, *patch, device=device).contiguous(memory_format=memory_format)

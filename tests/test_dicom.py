@@ -10,7 +10,7 @@ from highdicom.color import CIELabColor
 from matplotlib.colors import to_rgb
 from scipy import ndimage
 
-from skcdf import dicom, infer
+from skcdf import dicom, infer, predict
 from skcdf.cli import main
 from skcdf.data.classes import SYNAPSE_NAMES
 from skcdf.data.layout import load_geometry, load_image
@@ -71,7 +71,7 @@ def test_prediction_of_a_series_overlays_it(tmp_path, reverse_files, flipped):
     scan = flipped_stack(box_scan()) if flipped else box_scan()
     write_series(scan, tmp_path / "ct", reverse_files=reverse_files)
 
-    written = infer.predict_dicom_series(ThresholdToy().eval(), tmp_path / "ct", tmp_path / "out", PREPROCESSING)
+    written = predict.predict_dicom_series(ThresholdToy().eval(), tmp_path / "ct", tmp_path / "out", PREPROCESSING)
 
     assert written == [tmp_path / "out" / "ct.nii.gz"]
     labels = sitk.ReadImage(str(written[0]))
@@ -147,7 +147,7 @@ def test_cli_refuses_a_bad_series_and_writes_nothing(run_folder, tmp_path, capsy
 
 def test_an_mr_series_is_accepted_by_a_model_without_ct_window(tmp_path):
     write_series(box_scan(), tmp_path / "mr", modality="MR")
-    written = infer.predict_dicom_series(ThresholdToy().eval(), tmp_path / "mr", tmp_path / "out",
+    written = predict.predict_dicom_series(ThresholdToy().eval(), tmp_path / "mr", tmp_path / "out",
                                          {**PREPROCESSING, "window": None})
     assert written == [tmp_path / "out" / "mr.nii.gz"]
 
@@ -288,7 +288,7 @@ def test_an_output_that_is_a_file_is_one_line(run_folder, tmp_path, capsys):
             f" (so {output} cannot be created)" if output != tmp_path / "taken" else "") + \
             "; the output must be a folder\n"
     with pytest.raises(InputError, match="exists and is not a folder"):
-        infer.predict_path(ThresholdToy().eval(), tmp_path / "scan.nii.gz", tmp_path / "taken", PREPROCESSING)
+        predict.predict_path(ThresholdToy().eval(), tmp_path / "scan.nii.gz", tmp_path / "taken", PREPROCESSING)
 
 
 def test_a_folder_of_two_series_says_which_is_predicted_and_how_to_choose(run_folder, tmp_path, capsys):

@@ -12,13 +12,13 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from skcdf import infer
+from skcdf import infer, predict
 from skcdf.cli import main
 from skcdf.checkpoint import load_model, save_checkpoint
 from skcdf.data import layout
 from skcdf.data.laterality import Laterality, find_laterality
 from skcdf.data.preprocess import normalize_intensity
-from skcdf.data.preprocess import resample_to_size
+from skcdf.data.geometry import resample_to_size
 from skcdf.infer import InferenceSettings, sliding_window_probabilities
 from skcdf.utils import InputError
 from tests.scans import BOX, NET_PREPROCESSING, NUM_CLASSES, PATCH, PREPROCESSING, ThresholdToy, box_scan
@@ -199,7 +199,7 @@ def test_prediction_with_tta_flips_the_scans_own_left_right_axis(toy, tmp_path):
     geometry = layout.Geometry(tuple(reversed(image.shape)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), H_LEFT_RIGHT)
     layout.write_case(tmp_path / "set", "c1", image, None, geometry)
     layout.write_split(tmp_path / "set", "test", ["c1"])
-    infer.predict_dataset(toy, tmp_path / "set", tmp_path / "out", LATERAL_PREPROCESSING, settings)
+    predict.predict_dataset(toy, tmp_path / "set", tmp_path / "out", LATERAL_PREPROCESSING, settings)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "c1.nii.gz"))), expected)
 
 
@@ -249,7 +249,7 @@ def test_stride_larger_than_patch_is_refused():
 def test_prediction_overlays_the_scan_on_its_own_grid(tmp_path):
     scan = box_scan()
     sitk.WriteImage(scan, str(tmp_path / "case7.nii.gz"))
-    output = infer.predict_image_file(ThresholdToy().eval(), tmp_path / "case7.nii.gz", tmp_path / "out", PREPROCESSING)
+    output = predict.predict_image_file(ThresholdToy().eval(), tmp_path / "case7.nii.gz", tmp_path / "out", PREPROCESSING)
 
     assert output == tmp_path / "out" / "case7.nii.gz"
     labels = sitk.ReadImage(str(output))
@@ -268,14 +268,14 @@ def test_prediction_overlays_the_scan_on_its_own_grid(tmp_path):
 
 
 def test_case_id_strips_image_extensions():
-    assert infer.case_id_from_path("scans/ct.v2.nii.gz") == "ct.v2"
-    assert infer.case_id_from_path("a/b/case01.NRRD") == "case01"
-    assert infer.case_id_from_path("case.dcm") == "case"
+    assert predict.case_id_from_path("scans/ct.v2.nii.gz") == "ct.v2"
+    assert predict.case_id_from_path("a/b/case01.NRRD") == "case01"
+    assert predict.case_id_from_path("case.dcm") == "case"
 
 
 def test_two_inputs_with_the_same_id_are_refused(tmp_path):
     with pytest.raises(InputError, match="both be written as a.nii.gz"):
-        infer.predict_files(ThresholdToy().eval(), ["x/a.nii", "y/a.mha"], tmp_path, PREPROCESSING)
+        predict.predict_files(ThresholdToy().eval(), ["x/a.nii", "y/a.mha"], tmp_path, PREPROCESSING)
 
 
 def test_original_space_prediction_of_a_prepared_case_matches_predicting_the_scan(tmp_path):
@@ -285,7 +285,7 @@ def test_original_space_prediction_of_a_prepared_case_matches_predicting_the_sca
     layout.write_split(tmp_path / "set", "test", ["c1"])
     model = ThresholdToy().eval()
 
-    summary = infer.predict_dataset(model, tmp_path / "set", tmp_path / "out", PREPROCESSING, original_space=True)
+    summary = predict.predict_dataset(model, tmp_path / "set", tmp_path / "out", PREPROCESSING, original_space=True)
 
     assert summary.failures == [] and len(summary.written) == 2
     on_prepared_grid = sitk.ReadImage(str(tmp_path / "out" / "c1.nii.gz"))

@@ -14,15 +14,8 @@ from medpy.metric import binary as medpy
 from scipy import ndimage
 
 from skcdf.cli import main
-from skcdf.metrics import (
-    CSV_COLUMNS,
-    EMPTY_PENALTY,
-    METRICS,
-    dice_per_class,
-    evaluate_case,
-    evaluate_folders,
-    surface_voxels,
-)
+from skcdf.evaluation import CSV_COLUMNS, evaluate_folders
+from skcdf.metrics import EMPTY_PENALTY, METRICS, dice_per_class, evaluate_case, surface_voxels
 from skcdf.utils import InputError
 
 SPACING = (2.5, 0.8, 0.7)

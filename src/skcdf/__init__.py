@@ -1,6 +1,6 @@
 """skcdf: SKCDF (CVPR 2025) semi-supervised, class-imbalanced 3D multi-organ segmentation."""
 
-__version__ = "0.1.0"
+from skcdf._version import __version__
 
 __all__ = ["Segmenter"]
 

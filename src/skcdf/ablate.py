@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from skcdf import methods
 from skcdf.compare import Method, compare_to_reference, write_comparison
+from skcdf.parallel import available_cores
+from skcdf.report import aggregate, load_summary, render_table
 from skcdf.utils import InputError, atomic_write_text
 
-#: Table 3 rows, in the paper's order, and the two references of SPEC §3.
-TABLE3_VARIANTS = ("baseline", "df", "df_skcm", "df_absh", "full")
-REFERENCE_VARIANTS = ("labeled_only", "fully_supervised")
+# torch, the trainer and prediction are imported where they are used: `skcdf compare` imports this
+# module (for ablation_methods) and should not wait seconds for them.
+
 #: Table 5: knowledge-transfer orders (H→D, D→H→H, H→H→D, H→D→H; plain D is the +DF row).
 EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
-VARIANT_TITLES = {
-    "baseline": "Baseline (pseudo-labelling)", "df": "+ DF", "df_skcm": "+ DF + SKCM", "df_absh": "+ DF + ABSH",
-    "full": "SKCDF", "labeled_only": "Labeled only (VNet)", "fully_supervised": "Fully supervised (VNet)",
-}
-
 
 @dataclass
 class AblationRow:
@@ -39,7 +39,7 @@ class AblationRow:
     @property
     def run_name(self) -> str:
         """Folder name of the training run; equal overrides share it."""
-        parts = [str(self.overrides.get("variant", "full"))]
+        parts = [str(self.overrides.get("variant", methods.MAIN))]
         parts += [f"{k}-{str(v).replace(',', '-')}" for k, v in sorted(self.overrides.items()) if k != "variant"]
         return "_".join(parts)
 
@@ -48,14 +48,16 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
               mask_modes: bool = False) -> list[AblationRow]:
     """The rows to run: the given variants, then optionally Table 5's EMA orders, Table 4's labeled
     decoder, and the `exclude` balanced-mask mode (all on the full SKCDF)."""
-    rows = [AblationRow(VARIANT_TITLES.get(v, v), {"variant": v}) for v in variants]
+    main = methods.method(methods.MAIN)
+    rows = [AblationRow(methods.title(v), {"variant": v}) for v in variants]
     if ema_orders:
-        rows += [AblationRow(f"SKCDF, EMA {order}", {"variant": "full", **({} if order == "Hl,D,Hu" else {"ema_order": order})})
+        rows += [AblationRow(f"{main.title}, EMA {order}",
+                             {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
                  for order in EMA_ORDERS]
     if decoders:
-        rows.append(AblationRow("SKCDF, labeled decoder", {"variant": "full"}, decoder="labeled"))
+        rows.append(AblationRow(f"{main.title}, labeled decoder", {"variant": main.name}, decoder="labeled"))
     if mask_modes:
-        rows.append(AblationRow("SKCDF, mask mode exclude", {"variant": "full", "balance_mode": "exclude"}))
+        rows.append(AblationRow(f"{main.title}, mask mode exclude", {"variant": main.name, "balance_mode": "exclude"}))
     unique: dict[tuple, AblationRow] = {}
     for row in rows:  # e.g. "SKCDF" and "SKCDF, EMA Hl,D,Hu" are the same experiment
         unique.setdefault((row.run_name, row.decoder), row)
@@ -82,11 +84,6 @@ def train_runs(preset: str, data: Path, todo: dict[Path, list[str]], jobs: int) 
             print(f"[ablate] training {number}/{len(todo)}: {run}", flush=True)
             _train_one(preset, settings, data, run)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from skcdf.data.parallel import available_cores
-
     threads = max(1, available_cores() // jobs)
     print(f"[ablate] training {len(todo)} run(s), {jobs} at a time ({threads} CPU thread(s) each)", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -116,8 +113,6 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     Also writes ``OUT/comparison.md`` and ``OUT/comparison.csv``: every row against labeled-only,
     paired over the test cases and seeds (:func:`write_ablation_comparison`).
     """
-    from skcdf.report import aggregate, load_summary, render_table
-
     data, out = Path(data), Path(out)
     evaluations = {(row.run_name, row.decoder, seed): out / row.run_name / f"seed{seed}" / f"eval-{row.decoder}"
                    for row in rows for seed in seeds}
@@ -155,10 +150,10 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     writer.writerow(["variant", "seed", "iterations", "split", "mean_dice", *summaries[0]["class_abbrevs"]])
     writer.writerows(lines)
     atomic_write_text(Path(csv_path) if csv_path else out / "ablation.csv", buffer.getvalue())
-    methods = {variant_name(row.run_name, row.decoder):
+    compared = {variant_name(row.run_name, row.decoder):
                Method(row.title, {f"seed{seed}": evaluations[row.run_name, row.decoder, seed] for seed in seeds})
                for row in rows}
-    write_ablation_comparison(out, methods, data)
+    write_ablation_comparison(out, compared, data)
     return table
 
 
@@ -170,8 +165,6 @@ def variant_name(run_name: str, decoder: str) -> str:
 def ablation_methods(out: str | Path) -> dict[str, Method]:
     """The evaluations found in an ablation folder, ``OUT/<run>/seed<S>/eval-<decoder>/``: one method per
     run and decoder, keyed by :func:`variant_name` and named as in their summary.json."""
-    from skcdf.report import load_summary
-
     found: dict[str, dict[str, Path]] = {}
     for summary in sorted(Path(out).glob("*/seed*/eval-*/summary.json")):
         evaluation = summary.parent
@@ -183,13 +176,13 @@ def ablation_methods(out: str | Path) -> dict[str, Method]:
             for variant, seeds in found.items()}
 
 
-def write_ablation_comparison(out: Path, methods: dict[str, Method], data: str | Path | None = None) -> Path:
+def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | Path | None = None) -> Path:
     """``OUT/comparison.md`` and ``.csv``: every method against labeled-only when there is one (else the
     first), paired over the test cases of the seeds both ran. Class groups from ``data`` (see
     :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
-    reference_key = "labeled_only" if "labeled_only" in methods else next(iter(methods))
-    reference = methods[reference_key]
-    others = [method for key, method in methods.items() if key != reference_key]
+    reference_key = methods.REFERENCE if methods.REFERENCE in found else next(iter(found))
+    reference = found[reference_key]
+    others = [method for key, method in found.items() if key != reference_key]
     rows = compare_to_reference(reference, others, data)
     heading = f"# Paired comparison against {reference.name} (`{Path(out)}`)"
     return write_comparison(out, rows, heading)
@@ -198,8 +191,9 @@ def write_ablation_comparison(out: Path, methods: dict[str, Method], data: str |
 def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:
     """Predict the test split with the row's decoder and evaluate it into ``evaluation``."""
     from skcdf.checkpoint import load_model
-    from skcdf.infer import InferenceSettings, predict_dataset
-    from skcdf.metrics import evaluate_folders
+    from skcdf.evaluation import evaluate_folders
+    from skcdf.infer import InferenceSettings
+    from skcdf.predict import predict_dataset
 
     print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({row.decoder} decoder)", flush=True)
     model, preprocessing = load_model(run)

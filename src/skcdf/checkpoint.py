@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from skcdf.compat import from_reference_state_dict
 from skcdf.nn import SKCDFNet
 from skcdf.utils import InputError, atomic_path
 
@@ -148,8 +149,6 @@ def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
         ``lateral_pairs`` (stated in the data set's dataset.json, or None) and ``flips`` (the
         training configuration's, which TTA follows).
     """
-    from skcdf.compat import from_reference_state_dict
-
     path = resolve_checkpoint(path_or_run)
     payload = load_checkpoint(path)
     try:

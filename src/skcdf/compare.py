@@ -14,6 +14,7 @@ import inspect
 import io
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from skcdf.utils import InputError
+from skcdf.data.layout import has_label, read_dataset_info, read_split, split_names
+from skcdf.data.stats import class_voxel_counts
+from skcdf.report import load_summary
+from skcdf.utils import InputError, atomic_write_text
 
 #: Size of the "smallest classes" group with 12 or more foreground classes (the paper's small organs).
 SMALLEST = 6
@@ -127,9 +131,6 @@ def class_groups(counts: Sequence[int] | Mapping[int, int], classes: Sequence[in
 
 def training_class_counts(root: str | os.PathLike, split: str = "train") -> np.ndarray:
     """Voxels of each class (K,) in the label maps of ``split``'s labeled cases of a prepared data set."""
-    from skcdf.data.layout import has_label, read_dataset_info, read_split
-    from skcdf.data.stats import class_voxel_counts
-
     cases = [case for case in read_split(root, split) if has_label(root, case)]
     if not cases:
         raise InputError(f"{root}: no case of split '{split}' has a label map to count the classes' voxels")
@@ -251,8 +252,6 @@ def reading(row: ComparisonRow, alpha: float = ALPHA) -> str:
 # ----------------------------------------------------------------------------- methods from folders
 
 def _summary(method: Method) -> dict:
-    from skcdf.report import load_summary
-
     return load_summary(next(iter(method.evaluations.values())) / "summary.json")
 
 
@@ -269,10 +268,6 @@ def groups_for(reference: Method, data: str | os.PathLike | None = None) -> dict
     """The class groups of a comparison: from the training labels of ``data``, else of the prepared
     data set the reference was evaluated against (summary.json's ``gt``); when neither is a prepared
     data set with a train split, from the ground-truth voxels of the evaluated cases (a warning says so)."""
-    import warnings
-
-    from skcdf.data.layout import split_names
-
     summary = _summary(reference)
     root = Path(data) if data is not None else Path(summary["gt"])
     if data is not None or ((root / "dataset.json").is_file() and "train" in split_names(root)):
@@ -294,8 +289,6 @@ def compare_to_reference(reference: Method, others: Sequence[Method],
 
 def write_comparison(out: str | os.PathLike, rows: Sequence[ComparisonRow], heading: str) -> Path:
     """Write ``OUT/comparison.md`` (``heading``, the table, one reading per method) and ``OUT/comparison.csv``."""
-    from skcdf.utils import atomic_write_text
-
     out = Path(out)
     readings = [f"- {reading(row)}" for row in rows if row.group == "all"]
     text = (f"{heading}\n\nPaired over the same (seed, test case) pairs: per case, the Dice averaged over the "

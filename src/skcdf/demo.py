@@ -20,7 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from skcdf import methods
+from skcdf.methods import Method
 from skcdf.utils import atomic_write_text
+
+# The functions below import torch, the trainer and prediction where they use them: `skcdf --help`
+# imports this module (for DEFAULT_MINUTES), and should not wait seconds for them.
 
 #: The demo's training configuration (a preset) and the phantom it is sized for.
 PRESET = "phantom_tiny"
@@ -93,8 +98,8 @@ def _time_trial(out: Path, data: Path, settings: list[str], jobs: int,
     _log(f"2/5 train: timing {TRIAL_EPOCHS} epochs of both runs to fit the training in the budget")
     trial = out / "trial"
     shutil.rmtree(trial, ignore_errors=True)
-    todo = {trial / variant: [*settings, f"variant={variant}", f"epochs={TRIAL_EPOCHS}", "val_every=0"]
-            for variant in VARIANTS}
+    todo = {trial / run.method.name: [*settings, f"variant={run.method.name}", f"epochs={TRIAL_EPOCHS}", "val_every=0"]
+            for run in demo_runs()}
     started = clock()
     train_runs(PRESET, data, todo, jobs)
     seconds = clock() - started
@@ -105,9 +110,34 @@ def _time_trial(out: Path, data: Path, settings: list[str], jobs: int,
     return Trial(seconds, max(paces) if jobs > 1 else sum(paces))
 
 
-#: The demo's two runs: the method, and the same network trained on the labeled cases alone.
-VARIANTS = {"full": ("SKCDF (phantom)", "run", "eval"),
-            "labeled_only": ("Labeled only (phantom)", "run-labeled-only", "eval-labeled-only")}
+@dataclass(frozen=True)
+class DemoRun:
+    """One of the demo's runs (skcdf.methods.demo_methods: SKCDF, and the same network trained on the
+    labeled cases alone) and its folders in OUT: run, predictions and evaluation, e.g. ``run`` and
+    ``run-labeled-only``."""
+
+    method: Method
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.method.name == methods.MAIN else "-" + self.method.name.replace("_", "-")
+
+    @property
+    def run(self) -> str:
+        return "run" + self.suffix
+
+    @property
+    def predictions(self) -> str:
+        return "predictions" + self.suffix
+
+    @property
+    def evaluation(self) -> str:
+        return "eval" + self.suffix
+
+
+def demo_runs() -> list[DemoRun]:
+    """The demo's runs, SKCDF first."""
+    return [DemoRun(method) for method in methods.demo_methods()]
 
 
 def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, seed: int = 0,
@@ -122,11 +152,11 @@ def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, see
     from skcdf.ablate import train_runs
     from skcdf.checkpoint import load_model
     from skcdf.data.layout import load_image, load_label, read_dataset_info, read_split
-    from skcdf.data.parallel import available_cores
     from skcdf.data.phantom import generate_phantom
-    from skcdf.infer import predict_dataset
-    from skcdf.metrics import evaluate_folders, read_label_file
-    from skcdf.train.trainer import resolve_device
+    from skcdf.device import resolve_device
+    from skcdf.evaluation import evaluate_folders, read_label_file
+    from skcdf.parallel import available_cores
+    from skcdf.predict import predict_dataset
     from skcdf.viz import overlay_png, plot_curves
 
     out = Path(out)
@@ -140,24 +170,23 @@ def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, see
         generate_phantom(data, seed=seed, shape=PHANTOM_SHAPE)
 
     device_type = resolve_device(device).type
-    jobs = len(VARIANTS) if available_cores() >= len(VARIANTS) or device_type != "cpu" else 1
+    runs = demo_runs()
+    jobs = len(runs) if available_cores() >= len(runs) or device_type != "cpu" else 1
     settings = [f"seed={seed}", f"device={device}"]
     epochs = planned_epochs(out, minutes, device_type, lambda: _time_trial(out, data, settings, jobs))
-    todo = {out / folder: [*settings, f"epochs={epochs}", f"variant={variant}"]
-            for variant, (_, folder, _) in VARIANTS.items()}
+    todo = {out / run.run: [*settings, f"epochs={epochs}", f"variant={run.method.name}"] for run in runs}
     budget = f"{minutes:g} min on {device_type}, the trial included"
     _log(f"2/5 train: SKCDF and, beside it, the labeled-only VNet, {epochs} epochs each "
          f"({budget}) into {', '.join(str(run) for run in todo)}")
     train_runs(PRESET, data, todo, jobs=jobs)
 
     _log("3/5 predict and 4/5 evaluate: sliding window over the test cases, Dice and ASD per class")
-    for variant, (title, folder, evaluation) in VARIANTS.items():
-        model, preprocessing = load_model(out / folder)
-        predictions = out / folder.replace("run", "predictions")
-        summary = predict_dataset(model, data, predictions, preprocessing, split="test")
+    for run in runs:
+        model, preprocessing = load_model(out / run.run)
+        summary = predict_dataset(model, data, out / run.predictions, preprocessing, split="test")
         if summary.failures:
             raise RuntimeError(f"prediction failed for {len(summary.failures)} case(s): {summary.failures}")
-        evaluate_folders(predictions, data, out / evaluation, split="test", name=title)
+        evaluate_folders(out / run.predictions, data, out / run.evaluation, split="test", name=run.method.demo_title)
 
     _log("5/5 pictures and report")
     run = out / "run"
@@ -183,20 +212,23 @@ def _comparison(out: Path, data: Path) -> tuple[str, str, str]:
     """The two runs' table, a sentence comparing SKCDF with labeled-only at the same budget, and the
     paired comparison over the test cases (table and one-sentence reading)."""
     from skcdf.ablate import trained_iterations
-    from skcdf.compare import Method, compare_to_reference, reading, render_markdown
+    from skcdf.compare import Method as ComparedMethod
+    from skcdf.compare import compare_to_reference, reading, render_markdown
     from skcdf.report import aggregate, load_summary, render_table
 
-    summaries = {variant: load_summary(out / evaluation / "summary.json")
-                 for variant, (_, _, evaluation) in VARIANTS.items()}
-    table = render_table([(VARIANTS[v][0], aggregate([s])) for v, s in summaries.items()])
-    full, labeled = (summaries[v]["average"]["dice"] for v in ("full", "labeled_only"))
-    iterations = trained_iterations(out / "run")
+    runs = {run.method.name: run for run in demo_runs()}
+    main, reference = runs[methods.MAIN], runs[methods.REFERENCE]
+    summaries = {name: load_summary(out / run.evaluation / "summary.json") for name, run in runs.items()}
+    table = render_table([(runs[name].method.demo_title, aggregate([s])) for name, s in summaries.items()])
+    full, labeled = (summaries[run.method.name]["average"]["dice"] for run in (main, reference))
+    iterations = trained_iterations(out / main.run)
     verdict = "above" if full > labeled else "below" if full < labeled else "level with"
-    sentence = (f"The demo trained the `full` SKCDF variant and, for comparison, the same VNet on the labeled "
-                f"cases alone (`labeled_only`), each for {iterations} iterations. SKCDF's mean Dice is "
-                f"{full:.2f} %, {verdict} labeled-only's {labeled:.2f} % ({full - labeled:+.2f} points).")
-    skcdf, labeled_only = (Method(title, {"seed": out / evaluation}) for title, _, evaluation in VARIANTS.values())
-    rows = compare_to_reference(labeled_only, [skcdf], data)
+    sentence = (f"The demo trained the `{main.method.name}` SKCDF variant and, for comparison, the same VNet on "
+                f"the labeled cases alone (`{reference.method.name}`), each for {iterations} iterations. SKCDF's "
+                f"mean Dice is {full:.2f} %, {verdict} labeled-only's {labeled:.2f} % ({full - labeled:+.2f} points).")
+    compared_main, compared_reference = (ComparedMethod(run.method.demo_title, {"seed": out / run.evaluation})
+                                         for run in (main, reference))
+    rows = compare_to_reference(compared_reference, [compared_main], data)
     n = rows[0].stats.n
     floor = (f"With {n} test cases the smallest possible p is {2 / 2 ** n:.3g}, reached only when one run "
              "is ahead on every case.")

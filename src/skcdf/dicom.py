@@ -27,7 +27,7 @@ from matplotlib.colors import to_rgb
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from skcdf import __version__
+from skcdf._version import __version__
 from skcdf.utils import InputError, atomic_path
 from skcdf.viz import organ_colour
 

@@ -3,7 +3,7 @@
 A URL names a study or a series of a DICOMweb service, e.g.
 ``http://host:8042/dicom-web/studies/<StudyUID>/series/<SeriesUID>``; everything before ``/studies/``
 is the service root. The series is fetched with WADO-RS into a temporary folder and predicted
-exactly as a folder (:func:`skcdf.infer.predict_dicom_series`). A study URL predicts one of its
+exactly as a folder (:func:`skcdf.predict.predict_dicom_series`). A study URL predicts one of its
 series by the folder's rule: among its CT series (any image series for a model without CT window),
 the one with the most instances, with a warning naming it when there is a choice.
 
@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pydicom
 import requests
 
+from skcdf.dicom import read_series, warn_series_choice
 from skcdf.utils import InputError
 
 if TYPE_CHECKING:
@@ -299,8 +300,6 @@ class DicomWebServer:
 def _choose_series(location: DicomWebLocation, in_study: list[RemoteSeries], expect_ct: bool) -> RemoteSeries:
     """The series of a study that a study URL predicts: the most instances among its CT series
     (image series for a model without CT window), with the folder's warning when there is a choice."""
-    from skcdf.dicom import warn_series_choice
-
     kind = "CT" if expect_ct else "image"
     candidates = [s for s in in_study if (s.modality == "CT" if expect_ct else s.modality not in _NON_IMAGE_MODALITIES)]
     if not candidates:
@@ -346,10 +345,10 @@ def predict_url(model: Network, url: str, output_dir: str | os.PathLike, preproc
         the files written.
 
     Raises:
-        InputError: any error of :func:`skcdf.infer.predict_dicom_series` (naming the URL), or a
+        InputError: any error of :func:`skcdf.predict.predict_dicom_series` (naming the URL), or a
             :class:`DicomWebError`; a STOW-RS failure says that the local files were written.
     """
-    from skcdf.infer import predict_dicom_series
+    from skcdf.predict import predict_dicom_series  # here: skcdf.predict imports this module
 
     expect_ct = preprocessing.get("window") is not None
     with fetched_series(url, expect_ct, series_uid) as (server, series, folder):
@@ -381,8 +380,6 @@ def store_segmentation(server: DicomWebServer, written: list[Path], source: str)
 def read_url(url: str, expect_ct: bool = False, series_uid: str | None = None) -> sitk.Image:
     """The image of the series a DICOMweb URL names (fetched, read and checked as a folder by
     :func:`skcdf.dicom.read_series`, the temporary copy deleted)."""
-    from skcdf.dicom import read_series
-
     with fetched_series(url, expect_ct, series_uid) as (server, series, folder):
         source = str(DicomWebLocation(server.root, series.study_uid, series.series_uid))
         return read_series(folder, series.series_uid, expect_ct, source=source)[0]

@@ -8,9 +8,8 @@ Layers, from the core outward:
 - :func:`predict_scan` / :func:`predict_image`: a SimpleITK image on any grid -> labels (and, on
   request, probabilities) on that same grid (resampled to the training size for the network,
   probabilities resampled back one class at a time).
-- :func:`predict_image_file`, :func:`predict_dicom_series`, :func:`predict_files`, :func:`predict_dataset`,
-  :func:`predict_path`: files in, ``<id>.nii.gz`` out (uint8 labels, written atomically; a DICOM
-  series can also get a DICOM SEG), one failing case never stops the others.
+
+Files, prepared data sets, DICOM series and DICOMweb URLs in, ``<id>.nii.gz`` out: :mod:`skcdf.predict`.
 
 The model is a :data:`Network`: either a torch module with SKCDFNet's inference interface
 (``model(x, flow="unlabeled")`` and ``model.forward_labeled_decoder(x)``, each returning
@@ -20,11 +19,8 @@ The model is a :data:`Network`: either a torch module with SKCDFNet's inference 
 
 from __future__ import annotations
 
-import sys
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Literal, Union
 
 import numpy as np
@@ -32,40 +28,34 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
-from tqdm.auto import tqdm
 
 from skcdf.data.classes import SYNAPSE_NAMES
+from skcdf.data.geometry import Geometry, resample_to_size, to_original_space
 from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
-from skcdf.data.layout import Geometry, load_geometry, load_image, read_split, volume_dir
-from skcdf.data.preprocess import normalize_intensity, prepared_grid, read_image, resample_to_size, to_original_space
-from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
-from skcdf.utils import InputError, atomic_path, check_output_folder
+from skcdf.data.preprocess import normalize_intensity
+from skcdf.device import autocast
+from skcdf.utils import InputError
 
 if TYPE_CHECKING:
     from skcdf.export import OnnxModel
 
 __all__ = [
     "DEFAULT_STRIDE",
-    "IMAGE_SUFFIXES",
-    "CaseFailure",
     "InferenceSettings",
     "Network",
-    "PredictionSummary",
     "ScanPrediction",
     "TtaFlip",
-    "case_id_from_path",
+    "argmax_labels",
+    "labels_in_original_space",
     "model_logits",
     "overlap_for_stride",
-    "predict_dataset",
-    "predict_dicom_series",
-    "predict_files",
+    "place",
     "predict_image",
-    "predict_image_file",
-    "predict_path",
     "predict_scan",
     "predict_volume",
     "sliding_window_probabilities",
     "tta_flips",
+    "volume_probabilities",
 ]
 
 DEFAULT_STRIDE: tuple[int, int, int] = (16, 32, 32)
@@ -124,22 +114,6 @@ class InferenceSettings:
             raise InputError(f"blend must be 'constant' or 'gaussian', got {self.blend!r}")
         if self.sw_batch_size < 1:
             raise InputError(f"sw_batch_size must be at least 1, got {self.sw_batch_size}")
-
-
-@dataclass(frozen=True)
-class CaseFailure:
-    """One case that could not be predicted: its file or case id and the error message."""
-
-    source: str
-    message: str
-
-
-@dataclass
-class PredictionSummary:
-    """What a multi-case prediction produced: the files written and the cases that failed."""
-
-    written: list[Path] = field(default_factory=list)
-    failures: list[CaseFailure] = field(default_factory=list)
 
 
 def overlap_for_stride(patch_size: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
@@ -220,20 +194,19 @@ def sliding_window_probabilities(
         mode: ``"constant"`` or ``"gaussian"`` blending.
         tta: average each window over these passes (see :func:`tta_flips`); True: the four
             in-plane flips of the reference (none, H, W, both), no channel swaps; False: no TTA.
-        amp: autocast ``model_fn`` on CUDA (bf16, or fp16 where bf16 is unsupported).
+        amp: autocast ``model_fn`` on CUDA (:func:`skcdf.device.autocast`: bf16, or fp16 where bf16 is
+            unsupported).
 
     Returns:
         ``(1, K, D, H, W)`` float32 probabilities on ``volume.device``.
     """
     overlap = overlap_for_stride(patch_size, stride)
     flips = _TTA_FLIPS if tta is True else tuple(tta) if tta else (TtaFlip(),)
-    on_cuda = volume.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
         total = None
         for flip in flips:
-            with torch.autocast(device_type=volume.device.type, dtype=amp_dtype, enabled=amp and on_cuda):
+            with autocast(volume.device, amp):
                 logits = model_fn(_flip(windows, flip.dims))
             probabilities = _unflip(torch.softmax(logits.float(), dim=1), flip)
             total = probabilities if total is None else total + probabilities
@@ -272,7 +245,7 @@ def _network_logits(model: Network, decoder: Decoder) -> tuple[Callable[[torch.T
     return model_logits(model, decoder), next(model.parameters()).device
 
 
-def _volume_probabilities(
+def volume_probabilities(
     model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings,
     direction: Sequence[float] | None = None,
 ) -> torch.Tensor:
@@ -296,7 +269,7 @@ def _volume_probabilities(
     return probabilities[0]
 
 
-def _argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
+def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
     """``(K, D, H, W)`` probabilities -> ``(D, H, W)`` uint8 labels on the CPU."""
     return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
 
@@ -319,10 +292,10 @@ def predict_volume(
     Returns:
         ``(D, H, W)`` uint8 labels.
     """
-    return _argmax_labels(_volume_probabilities(model, image, preprocessing, settings, direction))
+    return argmax_labels(volume_probabilities(model, image, preprocessing, settings, direction))
 
 
-def _place(array: np.ndarray, grid: Geometry) -> sitk.Image:
+def place(array: np.ndarray, grid: Geometry) -> sitk.Image:
     """``array`` (D, H, W) as an image on ``grid`` (its size must match)."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(grid.spacing)
@@ -343,7 +316,7 @@ def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -
         yield sitk.GetArrayViewFromImage(resampled)
 
 
-def _labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Probabilities ``(K, d, h, w)`` on the prepared grid of ``geometry`` -> argmax labels ``(D, H, W)``
     uint8 on the original grid ``geometry``.
 
@@ -361,12 +334,6 @@ def _labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> 
             labels[better] = label
             del better, resampled  # free them before the next class is resampled
     return labels
-
-
-def _write(image: sitk.Image, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return path
 
 
 @dataclass(frozen=True)
@@ -406,7 +373,7 @@ def predict_scan(
     """
     size = preprocessing.get("size")
     network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
-    on_network_grid = _volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
+    on_network_grid = volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
                                             settings, network_input.GetDirection()).cpu().numpy()
     if size is None:
         return ScanPrediction(on_network_grid.argmax(0).astype(np.uint8), on_network_grid if probabilities else None)
@@ -416,7 +383,7 @@ def predict_scan(
         for label, channel in enumerate(_channels_in_original_space(on_network_grid, geometry)):
             resampled[label] = channel
         return ScanPrediction(resampled.argmax(0).astype(np.uint8), resampled)
-    return ScanPrediction(_labels_in_original_space(on_network_grid, geometry))
+    return ScanPrediction(labels_in_original_space(on_network_grid, geometry))
 
 
 def predict_image(
@@ -427,225 +394,6 @@ def predict_image(
     Returns:
         uint8 label image with the size, spacing, origin and direction of ``image``.
     """
-    return _place(predict_scan(model, image, preprocessing, settings).labels, Geometry.of_image(image))
+    return place(predict_scan(model, image, preprocessing, settings).labels, Geometry.of_image(image))
 
 
-def case_id_from_path(path: str | Path) -> str:
-    """The file name without its image extension(s): ``scans/case01.nii.gz`` -> ``case01``."""
-    name = Path(path).name
-    return strip_suffix(name) if name.lower().endswith(IMAGE_SUFFIXES) else Path(name).stem
-
-
-def predict_image_file(
-    model: Network,
-    path: str | Path,
-    output_dir: str | Path,
-    preprocessing: Mapping,
-    settings: InferenceSettings = InferenceSettings(),
-) -> Path:
-    """Predict one scan file (anything SimpleITK reads) and write ``output_dir/<id>.nii.gz``; see :func:`predict_image`.
-
-    Raises:
-        InputError: the file cannot be read as a 3D image (the message names it).
-    """
-    labels = predict_image(model, read_image(path), preprocessing, settings)
-    return _write(labels, Path(output_dir) / f"{case_id_from_path(path)}.nii.gz")
-
-
-def predict_dicom_series(
-    model: Network,
-    folder: str | Path,
-    output_dir: str | Path,
-    preprocessing: Mapping,
-    settings: InferenceSettings = InferenceSettings(),
-    series_uid: str | None = None,
-    dicom_seg: bool = False,
-    source: str | None = None,
-) -> list[Path]:
-    """Predict the DICOM series in ``folder`` (the one with the most slices, or ``series_uid``) and
-    write ``output_dir/<folder name>.nii.gz`` on the series' grid; with ``dicom_seg`` also
-    ``output_dir/<folder name>.seg.dcm``, a DICOM Segmentation referencing the series (see
-    :func:`skcdf.dicom.write_segmentation`). ``source`` is what messages call the folder (default
-    the folder), e.g. the DICOMweb URL it was fetched from.
-
-    A checkpoint with a CT window only accepts CT series.
-
-    Raises:
-        InputError: naming the folder: no series, a non-CT series, or slices that do not form one
-            regular grid (see :func:`skcdf.dicom.read_series`), before anything is written; or, after
-            the NIfTI labels are written (the message says so), a series of which no SEG can be made
-            (e.g. without FrameOfReferenceUID).
-    """
-    from skcdf import dicom
-
-    image, series = dicom.read_series(folder, series_uid, expect_ct=preprocessing.get("window") is not None,
-                                      source=source)
-    labels = predict_scan(model, image, preprocessing, settings).labels
-    case_id = Path(folder).resolve().name
-    written = [_write(_place(labels, Geometry.of_image(image)), Path(output_dir) / f"{case_id}.nii.gz")]
-    if dicom_seg:
-        names = preprocessing.get("class_names") or SYNAPSE_NAMES  # a reference checkpoint is Synapse's
-        try:
-            seg = dicom.write_segmentation(labels, series, names, Path(output_dir) / f"{case_id}.seg.dcm")
-        except InputError as error:
-            raise InputError(f"{error}: no DICOM SEG written; the labels were written to {written[0]}") from None
-        written += [seg] if seg is not None else []
-    return written
-
-
-def _for_each_case(cases: Sequence[str], predict_case: Callable[[str], list[Path]]) -> PredictionSummary:
-    """Run ``predict_case`` on every case with a progress bar; an InputError fails that case only."""
-    summary = PredictionSummary()
-    for case in tqdm(cases, desc="predict", unit="case"):
-        try:
-            summary.written.extend(predict_case(case))
-        except InputError as error:
-            summary.failures.append(CaseFailure(case, str(error)))
-            tqdm.write(f"error: {error}", file=sys.stderr)
-    return summary
-
-
-def predict_files(
-    model: Network,
-    paths: Iterable[str | Path],
-    output_dir: str | Path,
-    preprocessing: Mapping,
-    settings: InferenceSettings = InferenceSettings(),
-) -> PredictionSummary:
-    """Predict each scan file into ``output_dir/<id>.nii.gz``; an unreadable file is reported, the rest still run.
-
-    Raises:
-        InputError: two inputs would write the same ``<id>.nii.gz``, or the stride does not fit the patch.
-    """
-    overlap_for_stride(preprocessing["patch_size"], settings.stride)  # a bad stride fails once, not per case
-    paths = [str(path) for path in paths]
-    first_path: dict[str, str] = {}
-    for path in paths:
-        case_id = case_id_from_path(path)
-        if case_id in first_path:
-            raise InputError(f"{first_path[case_id]} and {path} would both be written as {case_id}.nii.gz")
-        first_path[case_id] = path
-    return _for_each_case(paths, lambda path: [predict_image_file(model, path, output_dir, preprocessing, settings)])
-
-
-def predict_dataset(
-    model: Network,
-    root: str | Path,
-    output_dir: str | Path,
-    preprocessing: Mapping,
-    settings: InferenceSettings = InferenceSettings(),
-    split: str = "test",
-    original_space: bool = False,
-) -> PredictionSummary:
-    """Predict the cases of one split of a prepared data set.
-
-    Each case is predicted on the prepared grid and written as ``output_dir/<case id>.nii.gz``, so
-    that ``skcdf evaluate output_dir root`` compares it voxel by voxel with the prepared labels. With
-    ``original_space``, the probabilities are also resampled to the original scan's grid (from the
-    case's geometry json) and written as ``output_dir/original/<case id>.nii.gz``.
-
-    Raises:
-        InputError: the split is missing or names unknown cases, or the stride does not fit the patch. A case that cannot be read, or has no
-            geometry json while ``original_space`` is asked for, is recorded in the summary instead.
-    """
-    overlap_for_stride(preprocessing["patch_size"], settings.stride)  # a bad stride fails once, not per case
-    root, output_dir = Path(root), Path(output_dir)
-    training_size = preprocessing.get("size")
-
-    def predict_case(case_id: str) -> list[Path]:
-        geometry = load_geometry(root, case_id)
-        if original_space and geometry is None:
-            raise InputError(f"{root}: case {case_id} has no geometry json, so it cannot be written in the original space")
-        image = load_image(root, case_id)
-        if training_size is not None and list(image.shape) != list(training_size):
-            warnings.warn(f"{root}: prepared volumes are not of the training size {tuple(training_size)}; "
-                          "predicting on the prepared grid as it is", stacklevel=2)
-        probabilities = _volume_probabilities(model, image, preprocessing, settings,
-                                              None if geometry is None else geometry.direction)
-        if geometry is None:  # unknown original scan: unit spacing at the origin
-            prepared = Geometry(tuple(reversed(image.shape)), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
-        else:
-            prepared = prepared_grid(geometry, image.shape)
-        labels = _argmax_labels(probabilities)
-        written = [_write(_place(labels, prepared), output_dir / f"{case_id}.nii.gz")]
-        if original_space:
-            labels = _labels_in_original_space(probabilities.cpu().numpy(), geometry)
-            written.append(_write(_place(labels, geometry), output_dir / "original" / f"{case_id}.nii.gz"))
-        return written
-
-    return _for_each_case(read_split(root, split), predict_case)
-
-
-def _is_prepared_dataset(folder: Path) -> bool:
-    try:
-        volume_dir(folder)  # where the data area finds <id>_image.npy: npy/, the folder, or one subfolder
-    except InputError:
-        return False
-    return True
-
-
-def predict_path(
-    model: Network,
-    source: str | Path,
-    output_dir: str | Path,
-    preprocessing: Mapping,
-    settings: InferenceSettings = InferenceSettings(),
-    split: str = "test",
-    original_space: bool = False,
-    series_uid: str | None = None,
-    dicom_seg: bool = False,
-    store: bool = False,
-) -> PredictionSummary:
-    """Predict whatever ``source`` is: a prepared data set (see :func:`predict_dataset`), a folder of
-    scan files (those ending in one of :data:`IMAGE_SUFFIXES`, not hidden, not recursive), a folder
-    holding a DICOM series (see :func:`predict_dicom_series`), one scan file (see
-    :func:`predict_files`), or the URL of a DICOMweb study or series (see
-    :func:`skcdf.dicomweb.predict_url`). ``split`` and ``original_space`` apply to prepared data sets
-    only, ``series_uid`` and ``dicom_seg`` to DICOM series and URLs only, ``store`` (send the SEG back
-    with STOW-RS; implies ``dicom_seg``) to URLs only; scans are always written on their own grid.
-
-    Raises:
-        InputError: ``output_dir`` is a file; ``source`` does not exist, is a folder with neither a
-            data set, scan files nor a DICOM series, or a DICOM option is given for another kind of
-            input; for a DICOM series, any error of :func:`predict_dicom_series`; for a URL, any
-            error of :func:`skcdf.dicomweb.predict_url`.
-    """
-    from skcdf.dicom import is_dicom_folder
-    from skcdf.dicomweb import is_dicomweb_url, predict_url
-
-    check_output_folder(output_dir)
-    if is_dicomweb_url(source):
-        overlap_for_stride(preprocessing["patch_size"], settings.stride)  # the usual message for a bad stride
-        return PredictionSummary(written=predict_url(
-            model, str(source), output_dir, preprocessing, settings, series_uid, dicom_seg, store))
-    if store:
-        raise InputError(f"{source}: --store needs the DICOMweb URL of a study or series as INPUT")
-    source = Path(source)
-    if not source.exists():
-        raise InputError(f"{source}: no such file or folder")
-    if source.is_dir() and not _is_prepared_dataset(source) and not _scan_files(source) and is_dicom_folder(source):
-        overlap_for_stride(preprocessing["patch_size"], settings.stride)  # the usual message for a bad stride
-        return PredictionSummary(
-            written=predict_dicom_series(model, source, output_dir, preprocessing, settings, series_uid, dicom_seg))
-    if series_uid is not None or dicom_seg:
-        raise InputError(f"{source}: --series and --dicom-seg need a folder holding a DICOM series")
-    if not source.is_dir():
-        return predict_files(model, [source], output_dir, preprocessing, settings)
-    if _is_prepared_dataset(source):
-        return predict_dataset(model, source, output_dir, preprocessing, settings, split, original_space)
-    scans = _scan_files(source)
-    if not scans:
-        raise InputError(
-            f"{source}: neither a prepared data set (<id>_image.npy files), a folder of scans "
-            f"({', '.join(IMAGE_SUFFIXES)}) nor a DICOM series"
-        )
-    return predict_files(model, scans, output_dir, preprocessing, settings)
-
-
-def _scan_files(folder: Path) -> list[Path]:
-    """The scan files directly in ``folder``, sorted; hidden files (e.g. the temporary files of
-    interrupted atomic writes) are left out."""
-    return sorted(
-        path for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
-    )

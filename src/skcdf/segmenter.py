@@ -22,8 +22,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from skcdf.checkpoint import load_model
 from skcdf.data.preprocess import read_scan
-from skcdf.infer import InferenceSettings, Network, PredictionSummary, predict_path, predict_scan
+from skcdf.device import device_type, resolve_device
+from skcdf.dicomweb import is_dicomweb_url, read_url
+from skcdf.infer import InferenceSettings, Network, predict_scan
+from skcdf.predict import PredictionSummary, predict_path
 from skcdf.utils import InputError
 
 __all__ = ["Segmenter"]
@@ -57,26 +61,23 @@ class Segmenter:
             run_or_checkpoint: a run folder (its best.pt, else last.pt), an skcdf checkpoint, a
                 reference ``best_model.pth``, or an ``.onnx`` file from ``skcdf export`` (run by
                 onnxruntime on the CPU; needs ``skcdf[onnx]``).
-            device: torch device, e.g. ``"cpu"`` or ``"cuda:0"`` (default: cuda when available, else cpu).
+            device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``; ``"auto"`` or None (the default):
+                CUDA, else MPS, else the CPU (:func:`skcdf.device.resolve_device`).
             settings: sliding-window options.
 
         Raises:
-            InputError: the file cannot be read or holds no model we know; a non-CPU device for an
-                ONNX model.
+            InputError: the file cannot be read or holds no model we know; a device this machine
+                lacks; a non-CPU device for an ONNX model.
         """
         path = Path(run_or_checkpoint)
         if path.suffix.lower() == ".onnx":
-            from skcdf.export import OnnxModel
+            from skcdf.export import OnnxModel  # only here: onnxruntime is the optional skcdf[onnx]
 
-            if device is not None and torch.device(device).type != "cpu":
+            if device not in (None, "auto") and device_type(device) != "cpu":
                 raise InputError(f"{path}: ONNX models run on the CPU (onnxruntime), not on {device}")
             network = OnnxModel.load(path)
             return cls(network, network.preprocessing, settings)
-        from skcdf.checkpoint import load_model
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, preprocessing = load_model(path, device=device)
+        model, preprocessing = load_model(path, device=resolve_device(device))
         return cls(model, preprocessing, settings)
 
     @property
@@ -131,8 +132,6 @@ class Segmenter:
     def _as_image(self, x: str | os.PathLike | sitk.Image | np.ndarray, spacing: Sequence[float] | None,
                   series_uid: str | None) -> tuple[sitk.Image, bool]:
         """``x`` as a SimpleITK image, and whether it was given as an array."""
-        from skcdf.dicomweb import is_dicomweb_url, read_url
-
         expect_ct = self.preprocessing.get("window") is not None
         if is_dicomweb_url(x):
             return read_url(x, expect_ct, series_uid), False
@@ -170,6 +169,6 @@ class Segmenter:
         """Write the predictions of ``source`` into ``output_dir``, as ``skcdf predict`` does: a scan file,
         a folder of scans, a folder holding a DICOM series (``dicom_seg``: also a DICOM SEG), the URL of a
         DICOMweb study or series (``store``: also send the SEG back by STOW-RS) or a prepared data set
-        (its ``split``). See :func:`skcdf.infer.predict_path`."""
+        (its ``split``). See :func:`skcdf.predict.predict_path`."""
         return predict_path(self.network, source, output_dir, self.preprocessing, self.settings, split,
                             original_space, series_uid, dicom_seg, store)

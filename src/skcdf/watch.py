@@ -29,7 +29,7 @@ from pathlib import Path
 
 from skcdf.dicomweb import (AccessDenied, DicomWebLocation, DicomWebServer, RemoteSeries, ServerUnreachable,
                             parse_url, store_segmentation)
-from skcdf.infer import predict_dicom_series
+from skcdf.predict import predict_dicom_series
 from skcdf.segmenter import Segmenter
 from skcdf.utils import InputError, atomic_write_text
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from skcdf.data.layout import Geometry
+from skcdf.data.geometry import Geometry
 
 # A deliberately unusual scan geometry: anisotropic spacing, far-off origin, oblique direction with a flip.
 UNUSUAL_SPACING = (0.71, 0.93, 3.3)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from skcdf.data.layout import Geometry
-from skcdf.data.preprocess import (check_same_grid, normalize_intensity, read_image, read_label, resample_to_size,
-                                   to_original_space)
+from skcdf.data.geometry import Geometry, resample_to_size, to_original_space
+from skcdf.data.preprocess import check_same_grid, normalize_intensity, read_image, read_label
 from skcdf.utils import InputError
 
 from .conftest import UNUSUAL_ORIGIN, UNUSUAL_SPACING, unusual_direction, write_volume

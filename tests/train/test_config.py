@@ -1,11 +1,14 @@
 """Presets, --set overrides, variant defaults and configuration errors."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from skcdf.train.config import (DEFAULTS, VARIANTS, hardware_settings, load_config, parse_overrides, preset_names,
+from skcdf.methods import METHODS
+from skcdf.device import hardware_settings as device_settings
+from skcdf.train.config import (DEFAULTS, KEYS, load_config, parse_overrides, preset_names,
                                 resolve_config)
 from skcdf.utils import InputError
 
@@ -16,28 +19,28 @@ def test_presets_ship_the_paper_settings():
     assert {"synapse_20p", "amos_5p", "phantom"} <= set(preset_names())
     synapse, amos = load_config("synapse_20p"), load_config("amos_5p")
     for config in (synapse, amos):
-        assert config["patch_size"] == [64, 128, 128]
-        assert (config["batch_labeled"], config["batch_unlabeled"], config["filters"]) == (2, 2, 32)
-        assert (config["num_heads"], config["epochs"], config["val_every"]) == (2, 1500, 1)
-        assert config["ema_order"] == "Hl,D,Hu" and config["weight_decay"] == pytest.approx(3e-5)
-    assert (synapse["lr"], amos["lr"]) == (0.3, 0.1)
-    assert amos["labeled_split"] == "labeled_5p"
+        assert config.patch_size == [64, 128, 128]
+        assert (config.batch_labeled, config.batch_unlabeled, config.filters) == (2, 2, 32)
+        assert (config.num_heads, config.epochs, config.val_every) == (2, 1500, 1)
+        assert config.ema_order == "Hl,D,Hu" and config.weight_decay == pytest.approx(3e-5)
+    assert (synapse.lr, amos.lr) == (0.3, 0.1)
+    assert amos.labeled_split == "labeled_5p"
     for config in (synapse, amos):  # the paper's flips and balanced loss, so its tables can be reproduced
-        assert (config["flips"], config["balance_mode"]) == ("reference", "reference")
+        assert (config.flips, config.balance_mode) == ("reference", "reference")
 
 
 def test_presets_for_trying_things_and_own_data_use_the_measured_mechanisms():
     for preset in ("phantom", "phantom_tiny", "own_data"):
         config = load_config(preset)
-        assert (config["flips"], config["balance_mode"]) == ("laterality", "decoupled"), preset
+        assert (config.flips, config.balance_mode) == ("laterality", "decoupled"), preset
     own = load_config("own_data")
-    assert own["patch_size"] == [64, 128, 128] and own["filters"] == 32 and own["rampup_epochs"] == 1500
+    assert own.patch_size == [64, 128, 128] and own.filters == 32 and own.rampup_epochs == 1500
 
 
 def test_overrides_are_parsed_as_yaml():
     config = load_config("phantom", ["patch_size=[32, 64, 64]", "epochs=3", "lr=1e-2", "amp=true"])
-    assert config["patch_size"] == [32, 64, 64] and config["epochs"] == 3 and config["amp"] is True
-    assert config["lr"] == pytest.approx(0.01)  # YAML 1.1 reads 1e-2 as a string; it becomes a float
+    assert config.patch_size == [32, 64, 64] and config.epochs == 3 and config.amp is True
+    assert config.lr == pytest.approx(0.01)  # YAML 1.1 reads 1e-2 as a string; it becomes a float
     assert parse_overrides(["ema_order=D"]) == {"ema_order": "D"}
 
 
@@ -45,11 +48,11 @@ def test_yaml_file_and_variant_defaults(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump({"variant": "df_absh", "skcm": True}))
     config = load_config(str(path))
-    assert (config["skcm"], config["aux_heads"], config["shared_decoder"]) == (True, True, False)  # skcm overridden
-    assert config["ema_order"] == "Hl,D,Hu"
-    for variant, switches in VARIANTS.items():
+    assert (config.skcm, config.aux_heads, config.shared_decoder) == (True, True, False)  # skcm overridden
+    assert config.ema_order == "Hl,D,Hu"
+    for variant, method in METHODS.items():
         resolved = resolve_config({"variant": variant})
-        assert all(resolved[key] == switches[key] for key in ("skcm", "aux_heads", "shared_decoder", "ema_order"))
+        assert all(getattr(resolved, key) == value for key, value in method.switches().items())
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -86,12 +89,16 @@ def test_bad_configurations_are_clear_errors(overrides, message):
 def test_flips_default_to_the_reference_and_take_three_modes():
     assert DEFAULTS["flips"] == "reference"
     for mode in ("reference", "laterality", "none"):
-        assert load_config("phantom", [f"flips={mode}"])["flips"] == mode
+        assert load_config("phantom", [f"flips={mode}"]).flips == mode
+
+
+def hardware_settings(config, device_type):
+    return device_settings(config.amp, config.channels_last, device_type)
 
 
 def test_hardware_settings_auto_means_on_for_cuda_only():
     auto = load_config("synapse_20p")
-    assert (auto["amp"], auto["channels_last"]) == ("auto", "auto")
+    assert (auto.amp, auto.channels_last) == ("auto", "auto")
     assert hardware_settings(auto, "cuda") == {"amp": True, "channels_last": True}
     assert hardware_settings(auto, "cpu") == hardware_settings(auto, "mps") == {"amp": False, "channels_last": False}
     fp32 = load_config("synapse_20p", ["amp=false"])  # exact reference reproduction on CUDA
@@ -114,7 +121,17 @@ def test_unknown_preset_and_bad_file(tmp_path):
         load_config(str(bad))
 
 
-def test_every_key_is_documented():
-    text = DOCS.read_text()
-    missing = [key for key in DEFAULTS if f"`{key}`" not in text]
-    assert not missing, f"keys missing from {DOCS}: {missing}"
+def _documented_defaults() -> dict[str, object]:
+    """docs/configuration.md's table of keys: key -> its default column, read as YAML ("from variant": None)."""
+    documented = {}
+    for line in DOCS.read_text().splitlines():
+        match = re.match(r"\| `(\w+)` \| ([^|]+) \|", line)
+        if match:
+            text = match.group(2).strip()
+            value = None if text == "from variant" else yaml.safe_load(text.strip("`"))
+            documented[match.group(1)] = float(value) if isinstance(value, str) and value[0].isdigit() else value
+    return documented
+
+
+def test_the_docs_table_lists_every_key_in_order_with_its_default():
+    assert list(_documented_defaults().items()) == [(key.name, DEFAULTS[key.name]) for key in KEYS]

@@ -23,16 +23,17 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, results: str,
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from skcdf.train import trainer
+    from skcdf.train.streams import ShardedRandomSampler
 
     passes = []  # per sampler pass: (cases in the stream, the case indices this rank drew)
-    real_iter = trainer.ShardedRandomSampler.__iter__
+    real_draw = ShardedRandomSampler.draw
 
-    def recording_iter(sampler):
-        drawn = list(real_iter(sampler))  # (case index, augmentation seed) pairs
+    def recording_draw(sampler):
+        drawn = real_draw(sampler)  # (case index, augmentation seed) pairs
         passes.append((sampler.size, [index for index, _ in drawn]))
-        return iter(drawn)
+        return drawn
 
-    trainer.ShardedRandomSampler.__iter__ = recording_iter
+    ShardedRandomSampler.draw = recording_draw
     # 2 labeled / 3 unlabeled cases; one unlabeled volume per rank and step
     model = trainer.train(tiny_config(epochs=1, batch_labeled=batch_labeled, batch_unlabeled=1), data, out)
     torch.save({name: p.detach() for name, p in model.named_parameters()}, f"{results}/rank{rank}.pt")

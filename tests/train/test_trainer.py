@@ -11,10 +11,12 @@ import yaml
 from skcdf.checkpoint import load_checkpoint, load_model
 from skcdf.cli import main
 from skcdf.data.laterality import Laterality
+from skcdf.methods import METHODS
 from skcdf.nn import SKCDFNet
-from skcdf.train import trainer
-from skcdf.train.config import VARIANTS
-from skcdf.train.trainer import TrainingDiverged, poly_lr, rampup_weight, train
+from skcdf.train import run_folder, streams, trainer
+from skcdf.train.processes import Processes
+from skcdf.train.schedules import poly_lr, rampup_weight
+from skcdf.train.trainer import TrainingDiverged, train
 from skcdf.utils import InputError
 from tests.conftest import tiny_config
 
@@ -47,26 +49,26 @@ def test_schedules():
     assert rampup_weight(10.0, 3, 0) == 10.0
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(METHODS))
 def test_every_variant_trains(variant, tiny_phantom, tmp_path):
     run = tmp_path / variant
     config = tiny_config(variant=variant, epochs=1)
     model = train(config, tiny_phantom, run)
-    torch.manual_seed(config["seed"])  # the trainer seeds, then builds the model
+    torch.manual_seed(config.seed)  # the trainer seeds, then builds the model
     initial = SKCDFNet(**model.init_args).state_dict()
     for name, parameter in model.named_parameters():
         assert not torch.equal(parameter, initial[name]), f"{name} was not trained"
     (row,) = _rows(run)
     assert int(row["iteration"]) == 2 and 0 <= float(row["val_dice_mean"]) <= 100
-    semi = VARIANTS[variant]["step"] == "semi"
+    semi = METHODS[variant].semi
     assert (float(row["loss_unsup_main"]) > 0) == semi
-    assert (float(row["loss_sup_bal"]) > 0) == config["aux_heads"]
+    assert (float(row["loss_sup_bal"]) > 0) == config.aux_heads
     payload = load_checkpoint(run / "last.pt")
-    assert payload["format"] == "skcdf-checkpoint" and payload["config"] == config
+    assert payload["format"] == "skcdf-checkpoint" and payload["config"] == config.to_dict()
     assert payload["preprocessing"]["patch_size"] == [32, 32, 32]
     rebuilt, _ = load_model(run)
-    assert rebuilt.init_args["shared_decoder"] == config["shared_decoder"]
-    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+    assert rebuilt.init_args["shared_decoder"] == config.shared_decoder
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config.to_dict()
     assert (run / "train.log").read_text().count(" epoch 0: loss") == 1
     assert any((run / "tb").iterdir())
 
@@ -108,8 +110,8 @@ def test_each_stream_draws_batches_of_its_own_size(tiny_phantom):
     config = tiny_config(batch_labeled=1, batch_unlabeled=2, flips="laterality")
     laterality = Laterality(((2, 3),))
     for stream, split, batch in (("labeled", "labeled_40p", 1), ("unlabeled", "unlabeled_40p", 2)):
-        loader, generators = trainer._make_stream(tiny_phantom, read_split(tiny_phantom, split), config, None,
-                                                  laterality, True, stream, trainer.Processes(), False)
+        loader, generators = streams.make_stream(tiny_phantom, read_split(tiny_phantom, split), config, None,
+                                                 laterality, True, stream, Processes(), False)
         assert next(iter(loader))["image"].shape[0] == batch and set(generators) == {f"{stream}_order",
                                                                                      f"{stream}_workers"}
         assert (loader.dataset.flips, loader.dataset.laterality) == ("laterality", laterality)
@@ -118,21 +120,21 @@ def test_each_stream_draws_batches_of_its_own_size(tiny_phantom):
 @pytest.mark.parametrize("mode", ["reference", "laterality", "none"])
 def test_both_streams_flip_as_configured_with_the_data_sets_pairs(tiny_phantom, tmp_path, monkeypatch, mode):
     made = []
-    monkeypatch.setattr(trainer, "_make_stream", lambda *args: made.append(args) or (None, {}))
-    run = trainer._set_up(tiny_config(flips=mode), tiny_phantom, tmp_path / "run", False, trainer.Processes())
+    monkeypatch.setattr(streams, "make_stream", lambda *args: made.append(args) or (None, {}))
+    run = trainer._set_up(tiny_config(flips=mode), tiny_phantom, tmp_path / "run", False, Processes())
     run.writer.close()
-    trainer._close_log(run.log)
+    run_folder.close_log(run.log)
     synapse_pairs = Laterality(((2, 3), (12, 13)))
-    assert [(args[2]["flips"], args[4], args[5], args[6]) for args in made] == [
+    assert [(args[2].flips, args[4], args[5], args[6]) for args in made] == [
         (mode, synapse_pairs, True, "labeled"), (mode, synapse_pairs, True, "unlabeled")]  # the phantom's unlabeled cases have labels
 
 
 def test_a_run_from_before_the_flips_key_resumes(tmp_path):
     config = tiny_config()
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "flips"}))
-    assert trainer._check_run_folder(tmp_path, config, resume=True) is False  # accepted: no last.pt yet
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "flips"}))
+    assert run_folder.check_run_folder(tmp_path, config, resume=True) is False  # accepted: no last.pt yet
     with pytest.raises(InputError, match="flips: 'reference' -> 'laterality'"):
-        trainer._check_run_folder(tmp_path, {**config, "flips": "laterality"}, resume=True)
+        run_folder.check_run_folder(tmp_path, config.replace(flips="laterality"), resume=True)
 
 
 def test_checkpoints_are_written_off_the_training_thread(tiny_phantom, tmp_path, monkeypatch):
@@ -247,7 +249,7 @@ def test_cli(tiny_phantom, tmp_path, capsys):
     assert main(["train", "phantom", "--data", str(tiny_phantom), "--out", str(run), "--set", "epochs=1",
                  "--set", "filterz=2"]) == 2
     assert "error: --set: unknown configuration key 'filterz'" in capsys.readouterr().err
-    settings = [f"{key}={value}" for key, value in tiny_config(epochs=1).items()
+    settings = [f"{key}={value}" for key, value in tiny_config(epochs=1).to_dict().items()
                 if key in ("patch_size", "filters", "labeled_split", "unlabeled_split", "iterations_per_epoch", "epochs")]
     assert main(["train", "phantom", "--data", str(tiny_phantom), "--out", str(run), "--set", *settings,
                  "num_workers=0"]) == 0

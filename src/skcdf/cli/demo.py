@@ -8,6 +8,7 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from skcdf.demo import DEFAULT_MINUTES
+    from skcdf.methods import METHODS, ablation_names
 
     p = subparsers.add_parser(
         "demo", help="phantom → train SKCDF → predict → evaluate → report, on this machine",
@@ -30,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("preset", help="preset name (e.g. phantom, synapse_20p) or a YAML file")
     p.add_argument("--data", required=True, help="prepared data set")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per run)")
-    p.add_argument("--variants", nargs="+", default=["baseline", "df", "df_skcm", "df_absh", "full", "labeled_only"],
-                   help="variants (default: the Table 3 rows and labeled_only)")
+    p.add_argument("--variants", nargs="+", default=ablation_names(), choices=list(METHODS), metavar="VARIANT",
+                   help=f"variants, of {', '.join(METHODS)} (default: {' '.join(ablation_names())}: "
+                        "the Table 3 rows and the labeled-only reference)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 666], help="seeds (default: 0 1 666)")
     p.add_argument("--ema-orders", action="store_true", help="add Table 5's knowledge-transfer orders")
     p.add_argument("--decoders", action="store_true", help="add Table 4's labeled-decoder inference")

@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from skcdf.metrics import evaluate_folders
+    from skcdf.evaluation import evaluate_folders
 
     out = Path(args.out) if args.out else Path(args.pred) / "eval"
     summary = evaluate_folders(args.pred, args.gt, out, classes=args.classes, split=args.split, name=args.name,
@@ -118,12 +118,13 @@ def _read_volume(path: str, labels: bool):
     """(D, H, W) array of a SimpleITK-readable file or .npy: integer labels, or float32 intensities."""
     import numpy as np
 
-    from skcdf.metrics import read_label_file, read_npy_volume
+    from skcdf.data.layout import read_npy
+    from skcdf.evaluation import read_label_file
 
     if labels:
         return read_label_file(Path(path))[0]
     if path.lower().endswith(".npy"):
-        return read_npy_volume(Path(path)).astype(np.float32)
+        return read_npy(Path(path)).astype(np.float32)
     import SimpleITK as sitk
 
     from skcdf.data.preprocess import read_image

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from skcdf.utils import InputError, check_output_folder
+from skcdf.utils import check_output_folder
 
 if TYPE_CHECKING:
     from skcdf.segmenter import Segmenter
@@ -56,7 +56,8 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The sliding-window and device options (of `predict` and `watch`); see :func:`load_segmenter`."""
     parser.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
                         help="decoder whose main head predicts (default: unlabeled, the paper's choice)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps or auto (default: CUDA, else MPS, else the CPU)")
     parser.add_argument("--tta", action="store_true",
                         help="average over the in-plane flips used in training, keeping left and right as the "
                              "checkpoint's flips mode says (up to 4x slower)")
@@ -69,6 +70,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 def load_segmenter(args: argparse.Namespace) -> "Segmenter":
     """The Segmenter of ``args.checkpoint`` with the options of :func:`add_inference_options`."""
+    from skcdf.device import resolve_device
     from skcdf.infer import InferenceSettings
     from skcdf.segmenter import Segmenter
 
@@ -81,7 +83,8 @@ def load_segmenter(args: argparse.Namespace) -> "Segmenter":
         tta=args.tta,
         amp=not args.no_amp,
     )
-    return Segmenter.load(args.checkpoint, device=_device(args.device), settings=settings)
+    resolve_device(args.device, what="--device")  # a device this machine lacks fails before the model is read
+    return Segmenter.load(args.checkpoint, device=args.device, settings=settings)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -99,18 +102,3 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"  {failure.source}: {failure.message}", file=sys.stderr)
         return 1
     return 0
-
-
-def _device(name: str | None) -> str | None:
-    """``--device`` checked; None lets the Segmenter choose (cuda when available, else cpu)."""
-    import torch
-
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
-    return name

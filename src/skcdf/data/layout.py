@@ -21,79 +21,17 @@ import os
 import shutil
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from skcdf.data.classes import CT_WINDOW, SYNAPSE_ABBREVS, SYNAPSE_NAMES, abbreviate
+from skcdf.data.geometry import Geometry
 from skcdf.data.laterality import check_lateral_pairs
 from skcdf.utils import InputError, atomic_path, atomic_write_text
 
-if TYPE_CHECKING:
-    import SimpleITK as sitk
-
 _SPLIT_FOLDERS = ("splits", "split_txts", ".")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where a scan's voxels lie in physical space, in SimpleITK's (x, y, z) order.
-
-    ``physical = origin + direction @ (index * spacing)``, with ``direction`` a row-major 3×3 matrix.
-    """
-
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
-    source: str | None = None
-
-    @classmethod
-    def of_image(cls, image: "sitk.Image", source: str | os.PathLike | None = None) -> "Geometry":
-        return cls(
-            size=tuple(int(n) for n in image.GetSize()),
-            spacing=tuple(float(s) for s in image.GetSpacing()),
-            origin=tuple(float(o) for o in image.GetOrigin()),
-            direction=tuple(float(d) for d in image.GetDirection()),
-            source=None if source is None else str(source),
-        )
-
-    def to_json(self) -> dict:
-        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction), "source": self.source}
-
-    @classmethod
-    def from_json(cls, data: dict, path: Path) -> "Geometry":
-        try:
-            geometry = cls(
-                size=tuple(int(n) for n in data["size"]),
-                spacing=tuple(float(s) for s in data["spacing"]),
-                origin=tuple(float(o) for o in data["origin"]),
-                direction=tuple(float(d) for d in data["direction"]),
-                source=data.get("source"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: not a geometry file (needs size, spacing, origin, direction): {exc!r}") from None
-        lengths = tuple(map(len, (geometry.size, geometry.spacing, geometry.origin, geometry.direction)))
-        if lengths != (3, 3, 3, 9):
-            raise InputError(f"{path}: geometry must have 3 sizes, spacings and origin values and 9 direction values")
-        return geometry
-
-    def mismatch(self, other: "Geometry") -> str | None:
-        """How ``other``'s voxel grid differs from this one (None if they agree to float precision)."""
-        if self.size != other.size:
-            return f"size {other.size} differs from {self.size}"
-        for name, atol in (("spacing", 1e-4), ("origin", 1e-3), ("direction", 1e-4)):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if not np.allclose(mine, theirs, rtol=1e-4, atol=atol):
-                return f"{name} {_rounded(theirs)} differs from {_rounded(mine)}"
-        return None
-
-
-def _rounded(values: Sequence[float]) -> tuple[float, ...]:
-    return tuple(round(v, 4) for v in values)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -167,6 +105,15 @@ def volume_dir(root: str | os.PathLike) -> Path:
     raise InputError(f"{root}: no prepared volumes (<id>_image.npy) in npy/, in the folder or in a subfolder")
 
 
+def is_prepared_dataset(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a prepared data set: :func:`volume_dir` finds its ``<id>_image.npy`` files."""
+    try:
+        volume_dir(folder)
+    except InputError:
+        return False
+    return True
+
+
 def list_cases(root: str | os.PathLike) -> list[str]:
     """Ids of all cases that have an image, sorted."""
     return sorted(p.name[: -len("_image.npy")] for p in volume_dir(root).glob("*_image.npy"))
@@ -221,7 +168,12 @@ def read_split(root: str | os.PathLike, name: str) -> list[str]:
     return ids
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A 3-D (D, H, W) array from a .npy file (a read-only memory map with ``mmap``).
+
+    Raises:
+        InputError: naming the file, when it is missing, unreadable or not 3-D.
+    """
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
@@ -235,7 +187,7 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
 
 def load_image(root: str | os.PathLike, case_id: str, mmap: bool = False) -> np.ndarray:
     """The case's image, float32 (D, H, W) in HU. With ``mmap`` a read-only memory map (if stored as float32)."""
-    image = _load_npy(volume_dir(root) / f"{case_id}_image.npy", mmap)
+    image = read_npy(volume_dir(root) / f"{case_id}_image.npy", mmap)
     return image if image.dtype == np.float32 else image.astype(np.float32)
 
 
@@ -245,7 +197,7 @@ def load_label(root: str | os.PathLike, case_id: str, mmap: bool = False) -> np.
     With ``mmap`` a read-only memory map (if stored as integers).
     """
     path = volume_dir(root) / f"{case_id}_label.npy"
-    label = _load_npy(path, mmap)
+    label = read_npy(path, mmap)
     if not np.issubdtype(label.dtype, np.integer):
         if not np.array_equal(label, np.round(label)):
             raise InputError(f"{path}: label has non-integer values")

@@ -40,11 +40,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 from skcdf.data.classes import CT_WINDOW, SYNAPSE_ABBREVS, SYNAPSE_NAMES
-from skcdf.data.layout import Geometry, dataset_info, staged_output_dir, write_case, write_dataset_info, write_split
-from skcdf.data.parallel import map_cases
+from skcdf.data.geometry import Geometry
+from skcdf.data.layout import dataset_info, staged_output_dir, write_case, write_dataset_info, write_split
+from skcdf.parallel import map_cases
 from skcdf.data.splits import SYNAPSE_SPLIT, counts_from_fractions, make_splits
 from skcdf.utils import atomic_path, atomic_write_text
 
@@ -489,8 +491,6 @@ def _write_phantom_case(index: int, out: Path, seed: int, shape: tuple[int, int,
     case = make_phantom_case(seed, index, shape)
     write_case(out, case_id(index), case.image, case.label, case.geometry)
     if nifti:
-        import SimpleITK as sitk
-
         for array, path in ((case.image, out / "nifti" / "imagesTr" / f"{case_id(index)}_0000.nii.gz"),
                             (case.label, out / "nifti" / "labelsTr" / f"{case_id(index)}.nii.gz")):
             image = sitk.GetImageFromArray(array)

@@ -15,9 +15,10 @@ from typing import Literal, Sequence
 
 import SimpleITK as sitk
 
-from skcdf.data.layout import Geometry, dataset_info, staged_output_dir, write_case, write_dataset_info, write_split
-from skcdf.data.parallel import map_cases
-from skcdf.data.preprocess import check_same_grid, read_label, read_scan, resample_to_size
+from skcdf.data.geometry import Geometry, resample_to_size
+from skcdf.data.layout import dataset_info, staged_output_dir, write_case, write_dataset_info, write_split
+from skcdf.parallel import map_cases
+from skcdf.data.preprocess import check_same_grid, read_label, read_scan
 from skcdf.data.sources import CaseSource, find_cases
 from skcdf.data.splits import counts_from_fractions, make_splits, read_user_splits
 

@@ -1,9 +1,7 @@
-"""Reading scans, resampling them to the prepared size and back, and intensity normalisation (SPEC §2).
+"""Reading scans and label maps, and intensity normalisation (SPEC §2).
 
-Resampling keeps the scan's physical extent: the prepared grid covers exactly the same box (voxel
-edges to voxel edges) with the same direction, only with fewer or more voxels. This is what the
-reference implementation's ``F.interpolate(..., align_corners=False)`` does in index space, and it
-lets a prediction be resampled back onto the original scan (:func:`to_original_space`).
+Resampling to the prepared size and back lives beside the grids it works on, in
+:mod:`skcdf.data.geometry`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from skcdf.data.layout import Geometry
+from skcdf.data.geometry import Geometry
 from skcdf.utils import InputError
 
 
@@ -88,58 +86,6 @@ def check_same_grid(image: sitk.Image, label: sitk.Image, image_path: str | os.P
     problem = Geometry.of_image(image).mismatch(Geometry.of_image(label))
     if problem:
         raise InputError(f"{label_path}: label grid does not match image {image_path}: {problem}")
-
-
-def prepared_grid(geometry: Geometry, size_dhw: Sequence[int]) -> Geometry:
-    """The grid of ``size_dhw`` (D, H, W) voxels covering the same physical box as ``geometry``.
-
-    The spacing grows by the size ratio, and the origin (a voxel centre) moves by half the change of
-    spacing along each axis so that the outer voxel edges stay in place.
-    """
-    size = tuple(int(n) for n in reversed(size_dhw))
-    old_spacing = np.array(geometry.spacing)
-    spacing = old_spacing * np.array(geometry.size) / np.array(size)
-    direction = np.array(geometry.direction).reshape(3, 3)
-    origin = np.array(geometry.origin) + direction @ ((spacing - old_spacing) / 2)
-    return Geometry(size, tuple(spacing.tolist()), tuple(origin.tolist()), geometry.direction, geometry.source)
-
-
-def _resample(image: sitk.Image, grid: Geometry, is_label: bool) -> sitk.Image:
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetSize(grid.size)
-    resampler.SetOutputSpacing(grid.spacing)
-    resampler.SetOutputOrigin(grid.origin)
-    resampler.SetOutputDirection(grid.direction)
-    if is_label:
-        resampler.SetInterpolator(sitk.sitkNearestNeighbor)
-        resampler.SetOutputPixelType(sitk.sitkUInt8)
-    else:
-        resampler.SetInterpolator(sitk.sitkLinear)
-        resampler.SetOutputPixelType(sitk.sitkFloat32)
-        # Only points a rounding error outside the box can miss the scan; give them the scan's lowest value.
-        resampler.SetDefaultPixelValue(float(sitk.GetArrayViewFromImage(image).min()))
-    return resampler.Execute(image)
-
-
-def resample_to_size(image: sitk.Image, size_dhw: Sequence[int], is_label: bool) -> sitk.Image:
-    """Resample to ``size_dhw`` (D, H, W) voxels over the same physical extent.
-
-    Images are interpolated trilinearly into Float32, labels by nearest neighbour into UInt8.
-    """
-    return _resample(image, prepared_grid(Geometry.of_image(image), size_dhw), is_label)
-
-
-def to_original_space(volume: np.ndarray, geometry: Geometry, is_label: bool = True) -> sitk.Image:
-    """Put a prepared (D, H, W) volume back onto the original scan's grid described by ``geometry``.
-
-    The inverse of :func:`resample_to_size`: nearest neighbour for labels (UInt8), linear otherwise.
-    """
-    prepared = sitk.GetImageFromArray(np.ascontiguousarray(volume))
-    grid = prepared_grid(geometry, volume.shape)
-    prepared.SetSpacing(grid.spacing)
-    prepared.SetOrigin(grid.origin)
-    prepared.SetDirection(grid.direction)
-    return _resample(prepared, geometry, is_label)
 
 
 def intensity_range(volume: np.ndarray, window: Sequence[float] | None) -> tuple[float, float]:

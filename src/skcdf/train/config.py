@@ -1,98 +1,235 @@
-"""Training configuration: flat keys, YAML presets shipped in ``skcdf/configs``, ``--set key=value``.
+"""Training configuration: one typed table of keys, YAML presets shipped in ``skcdf/configs``, ``--set``.
 
-A configuration is a flat dict (timm style). ``load_config`` merges, in order: the defaults below
-(the paper's Synapse 20 % setting), a preset or YAML file, and ``--set`` overrides; then
-``resolve_config`` fills the variant's defaults for the switches left at ``null`` and checks every
-value, so that a bad configuration fails before any work. docs/configuration.md explains each key.
+:class:`Config` is the table: one field per key, with its type, default, check (allowed values) and
+one line of doc in the field's metadata. On disk a configuration stays a flat mapping of keys (timm
+style). ``load_config`` merges, in order: the defaults (the paper's Synapse 20 % setting), a preset
+or YAML file, and ``--set`` overrides; then ``resolve_config`` fills the method's defaults for the
+switches left at ``null`` (:mod:`skcdf.methods`) and checks every value, so that a bad configuration
+fails before any work. docs/configuration.md explains each key; tests/train/test_config.py checks
+that its table lists the same keys, in the same order, with the same defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import yaml
 
+from skcdf import methods
 from skcdf.data.laterality import FLIP_MODES
 from skcdf.train.knowledge_transfer import parse_ema_order
 from skcdf.train.losses import BALANCE_MODES
 from skcdf.utils import InputError
 
-DEFAULTS: dict[str, Any] = {
+#: A key's check: (value, key) -> the value in its canonical type; raises _Invalid(rule) when it is not allowed.
+Check = Callable[[Any, str], Any]
+
+
+class _Invalid(ValueError):
+    """A value breaks its key's rule; ``resolve_config`` names the source, the key and the value."""
+
+
+def _key(default: Any, doc: str, check: Check, *, runtime: bool = False) -> Any:
+    """A row of the table: a dataclass field whose metadata holds its doc line and check.
+
+    runtime: the key may change when a run is resumed (it does not change what is computed).
+    """
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default),
+                                 metadata={"doc": doc, "check": check, "runtime": runtime})
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check, "runtime": runtime})
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _auto_boolean(value: Any, key: str) -> bool | str:
+    if not (isinstance(value, bool) or value == "auto"):
+        raise _Invalid("must be true, false or auto")
+    return value
+
+
+def _integer(minimum: int | None = None, optional: bool = False) -> Check:
+    def check(value: Any, key: str) -> int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid("must be an integer")
+        if minimum is not None and value < minimum:
+            raise _Invalid(f"must be >= {minimum}")
+        return value
+    return check
+
+
+def _as_number(value: Any) -> float:
+    """A finite float; YAML 1.1 reads "1e-5" (no dot) as a string, which counts."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Invalid("must be a finite number")
+    return float(value)
+
+
+def _number(rule: str = "be >= 0", allowed: Callable[[float], bool] = lambda x: x >= 0) -> Check:
+    def check(value: Any, key: str) -> float:
+        number = _as_number(value)
+        if not allowed(number):
+            raise _Invalid(f"must {rule}")
+        return number
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: Any, key: str) -> str:
+        if value not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}")
+        return value
+    return check
+
+
+def _ema_order(value: Any, key: str) -> str:
+    try:
+        steps = parse_ema_order(str(value))
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return ",".join(steps) if steps else "none"
+
+
+def _optional_rampup(value: Any, key: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise _Invalid("must be null or an integer >= 0")
+    return value
+
+
+def _threshold(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    threshold = _as_number(value)
+    if not 0.0 < threshold < 1.0:
+        raise _Invalid("must be null or lie in (0, 1)")
+    return threshold
+
+
+def _class_frequency(value: Any, key: str) -> str | list[float]:
+    if not (value in ("labeled", "train") or (isinstance(value, list) and all(
+            isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0 for n in value))):
+        raise _Invalid("must be 'labeled', 'train' or a list of K voxel counts >= 0")
+    return value
+
+
+def _patch_size(value: Any, key: str) -> list[int]:
+    if not (isinstance(value, list) and len(value) == 3
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in value)):
+        raise _Invalid("must be a list of three integers [D, H, W]")
+    return value
+
+
+def _split(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid("must be a split name (file splits/<name>.txt)")
+    return value
+
+
+def _device(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:")):
+        raise _Invalid("must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+# ----------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved, checked training configuration (one field per key; docs/configuration.md)."""
+
     # method
-    "variant": "full",
-    "skcm": None,  # null: from the variant
-    "aux_heads": None,
-    "shared_decoder": None,
-    "ema_order": None,
-    "ema_decay": 0.99,
-    "lambda_u": 10.0,
-    "rampup_epochs": None,  # null: the whole run (T = epochs)
-    "balance_mode": "reference",
-    "pseudo_label_threshold": None,  # null: every voxel's argmax is a target (reference)
-    "class_frequency": "labeled",
-    "inference_decoder": "unlabeled",
+    variant: str = _key(methods.MAIN, "the method, from skcdf.methods", _one_of(tuple(methods.METHODS)))
+    skcm: bool = _key(None, "semantic knowledge complementarity module (null: from the method)", _boolean)
+    aux_heads: bool = _key(None, "auxiliary balanced heads and losses (null: from the method)", _boolean)
+    shared_decoder: bool = _key(None, "one decoder for both flows (null: from the method)", _boolean)
+    ema_order: str = _key(None, "knowledge-transfer steps, e.g. Hl,D,Hu (null: from the method)", _ema_order)
+    ema_decay: float = _key(0.99, "EMA weight of the destination", _number("lie in [0, 1]", lambda x: 0 <= x <= 1))
+    lambda_u: float = _key(10.0, "final weight of the unsupervised loss", _number())
+    rampup_epochs: int | None = _key(None, "ramp-up length T (null: epochs)", _optional_rampup)
+    pseudo_label_threshold: float | None = _key(None, "confidence a pseudo-label needs (null: none)", _threshold)
+    balance_mode: str = _key("reference", "how the balanced mask applies", _one_of(BALANCE_MODES))
+    class_frequency: str | list[float] = _key("labeled", "source of the class voxel counts n_c", _class_frequency)
+    inference_decoder: str = _key("unlabeled", "decoder of validation and prediction",
+                                  _one_of(("unlabeled", "labeled")))
     # network
-    "patch_size": [64, 128, 128],
-    "filters": 32,
-    "num_heads": 2,
-    "dropout": True,
+    patch_size: list[int] = _key([64, 128, 128], "training patch [D, H, W]", _patch_size)
+    filters: int = _key(32, "base filters of the VNet", _integer(1))
+    num_heads: int = _key(2, "attention heads of the SKCM", _integer(1))
+    dropout: bool = _key(True, "dropout in training", _boolean)
     # data
-    "flips": "reference",  # reference | laterality | none (training patches; --tta follows it)
-    "labeled_split": "labeled_20p",
-    "unlabeled_split": "unlabeled_20p",
-    "train_split": "train",
-    "val_split": "eval",
-    "labeled_cases": None,  # null: every case of labeled_split
-    "batch_labeled": 2,
-    "batch_unlabeled": 2,
-    "num_workers": 2,
+    flips: str = _key("reference", "flips of training patches (--tta follows it)", _one_of(FLIP_MODES))
+    labeled_split: str = _key("labeled_20p", "split of the labeled cases", _split)
+    unlabeled_split: str = _key("unlabeled_20p", "split of the unlabeled cases", _split)
+    train_split: str = _key("train", "split of every training case", _split)
+    val_split: str = _key("eval", "split of the validation cases", _split)
+    labeled_cases: int | None = _key(None, "first N labeled cases only (null: all)", _integer(1, optional=True))
+    batch_labeled: int = _key(2, "labeled volumes per step and process", _integer(1))
+    batch_unlabeled: int = _key(2, "unlabeled volumes per step and process", _integer(1))
+    num_workers: int = _key(2, "DataLoader workers per stream", _integer(0), runtime=True)
     # optimisation and schedule
-    "epochs": 1500,
-    "iterations_per_epoch": None,  # null: len(unlabeled) / (batch_unlabeled * processes)
-    "lr": 0.3,
-    "lr_power": 0.9,
-    "momentum": 0.9,
-    "nesterov": True,
-    "weight_decay": 3e-5,
-    "seed": 0,
+    epochs: int = _key(1500, "epochs to train", _integer(1))
+    iterations_per_epoch: int | None = _key(None, "null: len(unlabeled) / (batch_unlabeled x processes)",
+                                            _integer(1, optional=True))
+    lr: float = _key(0.3, "base learning rate", _number("be > 0", lambda x: x > 0))
+    lr_power: float = _key(0.9, "power of the poly schedule", _number())
+    momentum: float = _key(0.9, "SGD momentum", _number())
+    nesterov: bool = _key(True, "Nesterov momentum", _boolean)
+    weight_decay: float = _key(3e-5, "SGD weight decay", _number())
+    seed: int = _key(0, "seed of initialisation, data and masks", _integer())
     # bookkeeping
-    "val_every": 1,
-    "save_every": 1,
-    "log_every": 10,
+    val_every: int = _key(1, "validate every N epochs (0: never)", _integer(0))
+    save_every: int = _key(1, "write last.pt every N epochs", _integer(1))
+    log_every: int = _key(10, "iterations between progress updates and NaN checks", _integer(1), runtime=True)
     # hardware
-    "device": "auto",
-    "amp": "auto",  # auto: bf16 autocast on CUDA, fp32 elsewhere (see hardware_settings)
-    "channels_last": "auto",  # auto: channels_last_3d on CUDA
-    "compile": False,
-    "sync_batchnorm": False,
-}
+    device: str = _key("auto", "auto, cpu, cuda, cuda:N or mps", _device, runtime=True)
+    amp: bool | str = _key("auto", "mixed precision (auto: on for CUDA; skcdf.device)", _auto_boolean)
+    channels_last: bool | str = _key("auto", "channels_last_3d (auto: on for CUDA)", _auto_boolean, runtime=True)
+    compile: bool = _key(False, "torch.compile the training forward", _boolean, runtime=True)
+    sync_batchnorm: bool = _key(False, "synchronise BatchNorm across processes", _boolean)
 
-# Per variant: which step it trains with and its defaults for the four method switches.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "full": dict(step="semi", skcm=True, aux_heads=True, shared_decoder=False, ema_order="Hl,D,Hu"),
-    "baseline": dict(step="semi", skcm=False, aux_heads=False, shared_decoder=True, ema_order="none"),
-    "df": dict(step="semi", skcm=False, aux_heads=False, shared_decoder=False, ema_order="D"),
-    "df_skcm": dict(step="semi", skcm=True, aux_heads=False, shared_decoder=False, ema_order="D"),
-    "df_absh": dict(step="semi", skcm=False, aux_heads=True, shared_decoder=False, ema_order="Hl,D,Hu"),
-    "labeled_only": dict(step="supervised", skcm=False, aux_heads=False, shared_decoder=True, ema_order="none"),
-    "fully_supervised": dict(step="supervised", skcm=False, aux_heads=False, shared_decoder=True, ema_order="none"),
-}
+    @property
+    def method(self) -> methods.Method:
+        """The registered method this configuration trains (skcdf.methods)."""
+        return methods.method(self.variant)
 
-# Keys that may change when a run is resumed: they do not change what is computed.
-RUNTIME_KEYS = ("device", "num_workers", "log_every", "compile", "channels_last")
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping of keys, in table order (what RUN/config.yaml and checkpoints hold)."""
+        return {key.name: getattr(self, key.name) for key in KEYS}
 
-_BOOL_KEYS = ("dropout", "nesterov", "compile", "sync_batchnorm")
-_AUTO_BOOL_KEYS = ("amp", "channels_last")  # true, false or "auto" (on for CUDA, off elsewhere)
-_POSITIVE_INT_KEYS = ("filters", "num_heads", "batch_labeled", "batch_unlabeled", "epochs", "save_every", "log_every")
-_NON_NEGATIVE_INT_KEYS = ("num_workers", "val_every")
-_OPTIONAL_POSITIVE_INT_KEYS = ("iterations_per_epoch", "labeled_cases")
-_FLOAT_KEYS = ("ema_decay", "lambda_u", "lr", "lr_power", "momentum", "weight_decay")
-_SPLIT_KEYS = ("labeled_split", "unlabeled_split", "train_split", "val_split")
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes``, resolved and checked again."""
+        return resolve_config({**self.to_dict(), **changes})
 
+
+KEYS: tuple[dataclasses.Field, ...] = dataclasses.fields(Config)
+#: Every key's default (the method switches are null: they come from the method).
+DEFAULTS: dict[str, Any] = {key.name: key.default if key.default_factory is dataclasses.MISSING
+                            else key.default_factory() for key in KEYS}
+#: Keys that may change when a run is resumed: they do not change what is computed.
+RUNTIME_KEYS: tuple[str, ...] = tuple(key.name for key in KEYS if key.metadata["runtime"])
+_SWITCHES = ("skcm", "aux_heads", "shared_decoder", "ema_order")
+
+
+# ----------------------------------------------------------------------------- loading
 
 def preset_names() -> list[str]:
     """Names of the presets shipped in skcdf/configs (without .yaml)."""
@@ -130,10 +267,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return values
 
 
-def load_config(preset_or_path: str, overrides: list[str] = ()) -> dict[str, Any]:
+def load_config(preset_or_path: str, overrides: list[str] = ()) -> Config:
     """Defaults ← preset name or YAML file ← ``--set`` overrides, then resolved and checked.
 
-    Returns the resolved flat configuration. Raises InputError naming the source of a bad key or value.
+    Raises InputError naming the source of a bad key or value.
     """
     path = Path(preset_or_path)
     if path.is_file():
@@ -145,133 +282,52 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> dict[str, Any
         raise InputError(f"{preset_or_path}: neither a YAML file nor a preset (presets: {', '.join(preset_names())})")
     values = _read_yaml(text, source)
     _check_known(values, source)
-    config = {**DEFAULTS, **values, **parse_overrides(list(overrides))}
-    return resolve_config(config, source)
+    return resolve_config({**values, **parse_overrides(list(overrides))}, source)
 
 
-def _as_float(config: dict[str, Any], key: str, source: str) -> float:
-    value = config[key]
-    if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{source}: {key} must be a finite number, got {config[key]!r}")
-    return float(value)
+def resolve_config(values: Mapping[str, Any] | Config, source: str = "configuration") -> Config:
+    """Check every value of ``values`` (missing keys take their defaults) and fill the method's
+    defaults of the switches left at null.
 
-
-def _fail(source: str, key: str, rule: str, value: Any) -> InputError:
-    return InputError(f"{source}: {key} {rule}, got {value!r}")
-
-
-def resolve_config(config: dict[str, Any], source: str = "configuration") -> dict[str, Any]:
-    """Fill the variant defaults of unset switches and check every value; returns a new dict.
-
-    Checks only what needs no data; ``skcdf.train.trainer`` checks the rest (splits, case counts)
-    before training starts.
+    Checks only what needs no data; the trainer checks the rest (splits, case counts) before
+    training starts. Raises InputError naming ``source``, the key and the value.
     """
-    _check_known(config, source)
-    config = {**DEFAULTS, **config}
-    variant = config["variant"]
-    if variant not in VARIANTS:
-        raise _fail(source, "variant", f"must be one of {', '.join(VARIANTS)}", variant)
-    for key in ("skcm", "aux_heads", "shared_decoder", "ema_order"):
-        if config[key] is None:
-            config[key] = VARIANTS[variant][key]
-    for key in _BOOL_KEYS + ("skcm", "aux_heads", "shared_decoder"):
-        if not isinstance(config[key], bool):
-            raise _fail(source, key, "must be true or false", config[key])
-    for key in _AUTO_BOOL_KEYS:
-        if not (isinstance(config[key], bool) or config[key] == "auto"):
-            raise _fail(source, key, "must be true, false or auto", config[key])
-    for key in _POSITIVE_INT_KEYS + _NON_NEGATIVE_INT_KEYS + _OPTIONAL_POSITIVE_INT_KEYS + ("seed",):
-        value = config[key]
-        if value is None and key in _OPTIONAL_POSITIVE_INT_KEYS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(source, key, "must be an integer", value)
-        if key in _NON_NEGATIVE_INT_KEYS and value < 0:
-            raise _fail(source, key, "must be >= 0", value)
-        if key not in _NON_NEGATIVE_INT_KEYS + ("seed",) and value < 1:
-            raise _fail(source, key, "must be >= 1", value)
-    for key in _FLOAT_KEYS:
-        config[key] = _as_float(config, key, source)
-    if config["lr"] <= 0:
-        raise _fail(source, "lr", "must be > 0", config["lr"])
-    if not 0.0 <= config["ema_decay"] <= 1.0:
-        raise _fail(source, "ema_decay", "must lie in [0, 1]", config["ema_decay"])
-    for key in ("lambda_u", "lr_power", "momentum", "weight_decay"):
-        if config[key] < 0:
-            raise _fail(source, key, "must be >= 0", config[key])
-    rampup = config["rampup_epochs"]
-    if rampup is not None and (isinstance(rampup, bool) or not isinstance(rampup, int) or rampup < 0):
-        raise _fail(source, "rampup_epochs", "must be null or an integer >= 0", rampup)
-
-    patch = config["patch_size"]
-    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(s, int) and not isinstance(s, bool) for s in patch)):
-        raise _fail(source, "patch_size", "must be a list of three integers [D, H, W]", patch)
-    # 4 stride-2 downsamplings, and the SKCM's 2x2x2 local patches on the bottleneck
-    multiple = 32 if config["skcm"] else 16
-    if any(s < multiple or s % multiple for s in patch):
-        raise _fail(source, "patch_size", f"must be multiples of {multiple} (the network downsamples "
-                    f"4 times{' and SKCM splits the bottleneck into 2x2x2 patches' if config['skcm'] else ''})", patch)
-
-    try:
-        steps = parse_ema_order(str(config["ema_order"]))
-    except ValueError as exc:
-        raise InputError(f"{source}: ema_order: {exc}") from None
-    config["ema_order"] = ",".join(steps) if steps else "none"
-    if "D" in steps and config["shared_decoder"]:
-        raise _fail(source, "ema_order", "uses step D, which needs two decoders (shared_decoder is true)", config["ema_order"])
-    if ({"Hl", "Hu"} & set(steps)) and not config["aux_heads"]:
-        raise _fail(source, "ema_order", "uses a head step (Hl/Hu), which needs aux_heads: true", config["ema_order"])
-
-    threshold = config["pseudo_label_threshold"]
-    if threshold is not None:
-        threshold = config["pseudo_label_threshold"] = _as_float(config, "pseudo_label_threshold", source)
-        if not 0.0 < threshold < 1.0:
-            raise _fail(source, "pseudo_label_threshold", "must be null or lie in (0, 1)", threshold)
-    if config["balance_mode"] not in BALANCE_MODES:
-        raise _fail(source, "balance_mode", f"must be one of {', '.join(BALANCE_MODES)}", config["balance_mode"])
-    frequency = config["class_frequency"]
-    if not (frequency in ("labeled", "train") or (isinstance(frequency, list) and all(
-            isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0 for n in frequency))):
-        raise _fail(source, "class_frequency", "must be 'labeled', 'train' or a list of K voxel counts >= 0", frequency)
-    if config["flips"] not in FLIP_MODES:
-        raise _fail(source, "flips", f"must be one of {', '.join(FLIP_MODES)}", config["flips"])
-    if config["inference_decoder"] not in ("unlabeled", "labeled"):
-        raise _fail(source, "inference_decoder", "must be 'unlabeled' or 'labeled'", config["inference_decoder"])
-    for key in _SPLIT_KEYS:
-        if not isinstance(config[key], str) or not config[key]:
-            raise _fail(source, key, "must be a split name (file splits/<name>.txt)", config[key])
-    device = config["device"]
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        raise _fail(source, "device", "must be auto, cpu, cuda, cuda:N or mps", device)
+    if isinstance(values, Config):
+        values = values.to_dict()
+    _check_known(values, source)
+    given = {**DEFAULTS, **values}
+    resolved: dict[str, Any] = {}
+    for key in KEYS:  # "variant" comes first: the switches' defaults depend on it
+        value = given[key.name]
+        if key.name in _SWITCHES and value is None:
+            value = methods.METHODS[resolved["variant"]].switches()[key.name]
+        try:
+            resolved[key.name] = key.metadata["check"](value, key.name)
+        except _Invalid as exc:
+            raise InputError(f"{source}: {key.name} {exc}, got {value!r}") from None
+    config = Config(**resolved)
+    _check_combinations(config, source)
     return config
 
 
-def hardware_settings(config: dict[str, Any], device_type: str) -> dict[str, bool]:
-    """{"amp": ..., "channels_last": ...} for a run on a device of type ``device_type`` ("cuda", "cpu", "mps").
-
-    ``auto`` turns both on for CUDA (bf16 autocast and channels_last_3d: the fast path of recent GPUs)
-    and off elsewhere, so that CPU and MPS runs keep the reference's fp32 numerics and memory layout.
-    ``amp: false`` keeps CUDA runs in fp32, as the reference trains.
-
-    Raises:
-        InputError: ``amp: true`` on a device other than CUDA.
-    """
-    settings = {key: device_type == "cuda" if config[key] == "auto" else config[key] for key in _AUTO_BOOL_KEYS}
-    if settings["amp"] and device_type != "cuda":
-        raise InputError(f"amp (mixed precision) needs a CUDA device, the run uses {device_type}")
-    return settings
-
-
-def step_kind(config: dict[str, Any]) -> str:
-    """"semi" (two-flow SKCDF step) or "supervised" (labeled loss only) for a resolved configuration."""
-    return VARIANTS[config["variant"]]["step"]
+def _check_combinations(config: Config, source: str) -> None:
+    """The rules that tie keys together: patch size and SKCM, EMA steps and the network's parts."""
+    patch = config.patch_size
+    # 4 stride-2 downsamplings, and the SKCM's 2x2x2 local patches on the bottleneck
+    multiple = 32 if config.skcm else 16
+    if any(s < multiple or s % multiple for s in patch):
+        raise InputError(f"{source}: patch_size must be multiples of {multiple} (the network downsamples 4 times"
+                         f"{' and SKCM splits the bottleneck into 2x2x2 patches' if config.skcm else ''}), "
+                         f"got {patch!r}")
+    steps = parse_ema_order(config.ema_order)
+    if "D" in steps and config.shared_decoder:
+        raise InputError(f"{source}: ema_order uses step D, which needs two decoders (shared_decoder is true), "
+                         f"got {config.ema_order!r}")
+    if ({"Hl", "Hu"} & set(steps)) and not config.aux_heads:
+        raise InputError(f"{source}: ema_order uses a head step (Hl/Hu), which needs aux_heads: true, "
+                         f"got {config.ema_order!r}")
 
 
-def to_yaml(config: dict[str, Any]) -> str:
-    """The configuration as YAML, keys in the order of DEFAULTS (what RUN/config.yaml holds)."""
-    return yaml.safe_dump({key: config[key] for key in DEFAULTS}, sort_keys=False, default_flow_style=None)
+def to_yaml(config: Config) -> str:
+    """The configuration as YAML, keys in table order (what RUN/config.yaml holds)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)

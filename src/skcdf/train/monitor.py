@@ -55,7 +55,7 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
     batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64, centre crops of the
     patch size. D_l is run as at inference with the labeled decoder (cross mode, each crop paired with
     itself); D_u by the unlabeled flow. Heads the model lacks (no aux heads) are left out. A model
-    with one shared decoder and no SKCM (baseline, labeled_only) has one path: it runs once.
+    with one shared decoder and no SKCM (the baseline and the supervised references) has one path: it runs once.
     Returns {head: float64 (K-1,) on the CPU}, foreground classes only.
     """
     one_path = model.skcm is None and model.unlabeled_decoder is model.labeled_decoder

@@ -1,10 +1,10 @@
 """The loss of one training iteration (SPEC §2), for the two families of variants.
 
-``semi_supervised_loss`` is the SKCDF step (also baseline / df / df_skcm / df_absh: the switches
-live in the model and the configuration); ``supervised_loss`` serves labeled_only and
-fully_supervised. Both return the total loss (with graph), the detached terms in the order of
-``TERMS`` (so the trainer can log without a host-device sync per iteration) and the pseudo-labels
-the step trained on (for :class:`skcdf.train.monitor.PseudoLabelMonitor`).
+``semi_supervised_loss`` is the SKCDF step, also of its ablation variants (``step="semi"`` in
+:mod:`skcdf.methods`; the switches live in the model and the configuration); ``supervised_loss``
+serves the supervised references (``step="supervised"``). Both return the total loss (with graph),
+the detached terms in the order of ``TERMS`` (so the trainer can log without a host-device sync per
+iteration) and the pseudo-labels the step trained on (for :class:`skcdf.train.monitor.PseudoLabelMonitor`).
 
 ``TERMS`` is the four loss terms (``LOSS_TERMS``) followed by two diagnostics that are not trained
 on: the balanced heads' DiceCE over the kept voxels alone (``KEPT_TERMS``). In the reference masking
@@ -126,7 +126,7 @@ def supervised_loss(
     keep_labeled: Tensor,
     balance_mode: str = "reference",
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """DiceCE on labeled volumes only (labeled_only / fully_supervised), plus the balanced loss on the
+    """DiceCE on labeled volumes only (the supervised references of skcdf.methods), plus the balanced loss on the
     auxiliary head when the model has one. Uses the unlabeled flow: the path that inference takes.
 
     x (B,1,D,H,W) float; y (B,D,H,W) int64. Returns (loss, terms (6,) detached, see TERMS; the unsup

@@ -6,6 +6,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Sequence, TypeVar
 
+import SimpleITK as sitk
 from tqdm import tqdm
 
 Item = TypeVar("Item")
@@ -22,8 +23,6 @@ def available_cores() -> int:
 
 def _single_threaded_worker() -> None:
     # Each process works on one case; threads inside it would only compete with the other workers.
-    import SimpleITK as sitk
-
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 

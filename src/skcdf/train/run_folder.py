@@ -1,0 +1,129 @@
+"""The run folder's bookkeeping: its configuration check, the random state, metrics.csv and train.log.
+
+A run folder holds config.yaml, last.pt, best.pt, metrics.csv, train.log and tb/ (TensorBoard). This
+module decides whether a folder may be trained into (a new run, or a resume of the same
+configuration), captures and restores every random state of a process (checkpointed at epoch
+boundaries, so a resume is bit-exact), and reads and writes the metric rows and the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, Config
+from skcdf.train.monitor import HEADS
+from skcdf.train.step import TERMS
+from skcdf.utils import InputError, atomic_write_text
+
+
+def check_run_folder(out: Path, config: Config, resume: bool) -> bool:
+    """Refuse to overwrite another run; returns True when there is a last.pt to resume from."""
+    config_file = out / "config.yaml"
+    if not config_file.exists():
+        if out.exists() and any(out.iterdir()):
+            raise InputError(f"{out}: the folder is not empty and holds no skcdf run (no config.yaml); choose another --out")
+        return False
+    previous = yaml.safe_load(config_file.read_text()) or {}
+    # a key added since that run was written has its default there (the behaviour before the key existed)
+    current = config.to_dict()
+    changed = [f"{key}: {previous.get(key, DEFAULTS[key])!r} -> {current[key]!r}" for key in DEFAULTS
+               if key not in RUNTIME_KEYS and previous.get(key, DEFAULTS[key]) != current[key]]
+    if changed:
+        raise InputError(f"{out}: holds a run with a different configuration ({'; '.join(changed)}); "
+                         "choose another --out")
+    if not resume:
+        raise InputError(f"{out}: already holds a run of this configuration; pass --resume to continue it "
+                         "or choose another --out")
+    return (out / "last.pt").exists()
+
+
+def rng_state(device: torch.device, generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Every random state of this process, in types that torch.load(weights_only=True) accepts."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state.tolist()), py_gauss))
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+def read_metric_rows(path: Path, before_epoch: int) -> list[dict[str, str]]:
+    """Rows of an interrupted run's metrics.csv for the epochs already checkpointed."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if int(row["epoch"]) < before_epoch]
+
+
+def write_metric_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def open_log(path: Path, enabled: bool) -> logging.Logger:
+    """A logger writing to RUN/train.log and, through tqdm, to the console (rank 0 only)."""
+    logger = logging.getLogger(f"skcdf.train.{path.resolve()}")
+    logger.setLevel(logging.INFO if enabled else logging.CRITICAL)
+    logger.propagate = False
+    if enabled:
+        file_handler = logging.FileHandler(path)
+        # milliseconds: benchmarks/gpu_check.sh times epochs from these lines
+        file_handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%Y-%m-%d %H:%M:%S"))
+
+        class _ConsoleHandler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                tqdm.write(record.getMessage())
+
+        logger.addHandler(file_handler)
+        logger.addHandler(_ConsoleHandler())
+    return logger
+
+
+def close_log(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def metric_columns(class_abbrevs: list[str]) -> list[str]:
+    """metrics.csv columns: schedule, losses, validation Dice (inference head per class, every head),
+    pseudo-label quality."""
+    return (["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
+            + [f"loss_{term}" for term in TERMS]
+            + ["val_dice_mean"] + [f"val_dice_{abbrev}" for abbrev in class_abbrevs]
+            + [f"val_dice_{head}" for head in HEADS] + [f"val_dice_small_{head}" for head in HEADS]
+            + ["pseudo_dice_main", "pseudo_dice_aux", "pseudo_fg_main", "pseudo_fg_aux", "true_fg"])
