@@ -130,7 +130,7 @@ def test_both_streams_flip_as_configured_with_the_data_sets_pairs(tiny_phantom, 
 
 
 def test_a_run_from_before_the_flips_key_resumes(tmp_path):
-    config = tiny_config()
+    config = tiny_config(flips="reference")  # what a run written before the key trained with
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "flips"}))
     assert run_folder.check_run_folder(tmp_path, config, resume=True) is False  # accepted: no last.pt yet
     with pytest.raises(InputError, match="flips: 'reference' -> 'laterality'"):
