@@ -29,26 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce, weight_during_epoch
+from skcdf.methods.common import dice_ce
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step
 
 #: Loss terms returned by :func:`adsh_step`, in DHC's names.
-LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
+LOSS_TERMS = PAIR_LOSS_TERMS
 
 
 @dataclass
-class AdshConfig:
+class AdshConfig(PairConfig):
     """Hyper-parameters of ``train_adsh.py`` (README command ``-w 0.1 -ep 300 -r``; the majority-class
     confidence 0.9 is fixed in the script)."""
 
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     thresh_major: float = 0.9
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 class AdshBank:
@@ -104,23 +97,11 @@ class AdshBank:
 
 
 @dataclass
-class AdshState:
+class AdshState(PairState):
     """Network B, its optimiser, and both networks' banks."""
 
-    net_b: nn.Module
-    optimizer_b: torch.optim.Optimizer
     bank_a: AdshBank
     bank_b: AdshBank
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict(),
-                "bank_a": self.bank_a.state_dict(), "bank_b": self.bank_b.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net_b.load_state_dict(state["net_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
-        self.bank_a.load_state_dict(state["bank_a"])
-        self.bank_b.load_state_dict(state["bank_b"])
 
 
 def masked_logit_ce(logits: Tensor, target: Tensor, sampling_map: Tensor) -> Tensor:
@@ -136,33 +117,19 @@ def adsh_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: AdshS
     Args: as :func:`~skcdf.methods.cps.cps_step` (``state`` holds B and the banks). Returns ``LOSS_TERMS``
     as floats, and ``map_A`` / ``map_B``: per class, the voxels whose logit the sampling map keeps.
     """
-    net_b, optimizer_b = state.net_b, state.optimizer_b
-    net_a.train()
-    net_b.train()
-    optimizer_a.zero_grad()
-    optimizer_b.zero_grad()
     n = x_labeled.shape[0]
-    x = torch.cat([x_labeled, x_unlabeled], dim=0)
-    out_a = net_a(x)
-    out_b = net_b(x)
-    sup_a = dice_ce(out_a[:n], y_labeled)
-    sup_b = dice_ce(out_b[:n], y_labeled)
-    target_a = out_a.detach().argmax(1)
-    target_b = out_b.detach().argmax(1)
-    thresholds_a = state.bank_a.thresholds_for(out_a[n:])
-    thresholds_b = state.bank_b.thresholds_for(out_b[n:])
-    map_a = AdshBank.sampling_map(out_a, thresholds_a)
-    map_b = AdshBank.sampling_map(out_b, thresholds_b)
-    cps_a = masked_logit_ce(out_a, target_b, map_b)
-    cps_b = masked_logit_ce(out_b, target_a, map_a)
-    weight = config.weight_at(epoch)
-    sup, cps = sup_a + sup_b, cps_a + cps_b
-    loss = sup + weight * cps
-    loss.backward()
-    optimizer_a.step()
-    optimizer_b.step()
-    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss)
-    terms = {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
-    terms["map_A"] = map_a.sum(dim=(0, *range(2, map_a.ndim))).tolist()  # (K,) voxels kept per class
-    terms["map_B"] = map_b.sum(dim=(0, *range(2, map_b.ndim))).tolist()
-    return terms
+
+    def losses(out_a: Tensor, out_b: Tensor) -> PairLosses:
+        map_a = AdshBank.sampling_map(out_a, state.bank_a.thresholds_for(out_a[n:]))
+        map_b = AdshBank.sampling_map(out_b, state.bank_b.thresholds_for(out_b[n:]))
+        extras = {"map_A": _voxels_per_class(map_a), "map_B": _voxels_per_class(map_b)}
+        return PairLosses(dice_ce(out_a[:n], y_labeled), dice_ce(out_b[:n], y_labeled),
+                          masked_logit_ce(out_a, out_b.detach().argmax(1), map_b),
+                          masked_logit_ce(out_b, out_a.detach().argmax(1), map_a), extras)
+
+    return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
+
+
+def _voxels_per_class(sampling_map: Tensor) -> list[float]:
+    """(K,) voxels whose logit a sampling map (b, K, …) keeps, per class."""
+    return sampling_map.sum(dim=(0, *range(2, sampling_map.ndim))).tolist()

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce, masked_cross_entropy, weight_during_epoch
+from skcdf.methods.common import dice_ce, masked_cross_entropy
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step
 
 #: Loss terms returned by :func:`cld_step`, in DHC's names.
-LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total", "map_A", "map_B")
+LOSS_TERMS = PAIR_LOSS_TERMS + ("map_A", "map_B")
 
 
 def cld_class_weights(labeled_counts: np.ndarray) -> np.ndarray:
@@ -41,20 +42,12 @@ def cld_class_weights(labeled_counts: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class CLDConfig:
+class CLDConfig(PairConfig):
     """Hyper-parameters of ``train_cld.py`` (README command ``-w 0.1 -ep 300 -r``; ``--confs_iter`` 8)."""
 
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     update_iter: int = 8
     momentum: float = 0.999
     gamma: float = 0.5
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 class ConfidenceBank:
@@ -113,26 +106,12 @@ def sampling_map(logits: Tensor, rates: Tensor, uniform: Tensor | None = None) -
 
 
 @dataclass
-class CLDState:
+class CLDState(PairState):
     """Network B, its optimiser, the class weights and both networks' confidence banks."""
 
-    net_b: nn.Module
-    optimizer_b: torch.optim.Optimizer
     class_weight: Tensor
     bank_a: ConfidenceBank
     bank_b: ConfidenceBank
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict(),
-                "class_weight": self.class_weight.clone(), "bank_a": self.bank_a.state_dict(),
-                "bank_b": self.bank_b.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net_b.load_state_dict(state["net_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
-        self.class_weight = state["class_weight"].clone()
-        self.bank_a.load_state_dict(state["bank_a"])
-        self.bank_b.load_state_dict(state["bank_b"])
 
 
 def cld_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CLDState, x_labeled: Tensor,
@@ -145,32 +124,18 @@ def cld_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CLDSta
     ``uniforms``: (A's, B's) per-voxel draws (b_l + b_u, D, H, W) for the maps, or None to draw them.
     Returns ``LOSS_TERMS`` as floats (``map_A``/``map_B``: the voxels each map keeps).
     """
-    net_b, optimizer_b = state.net_b, state.optimizer_b
-    net_a.train()
-    net_b.train()
-    optimizer_a.zero_grad()
-    optimizer_b.zero_grad()
     n = x_labeled.shape[0]
-    x = torch.cat([x_labeled, x_unlabeled], dim=0)
-    out_a = net_a(x)
-    out_b = net_b(x)
-    state.bank_a.record(out_a[:n], y_labeled)
-    state.bank_b.record(out_b[:n], y_labeled)
-    weight_c = state.class_weight
-    sup_a = dice_ce(out_a[:n], y_labeled, weight_c)
-    sup_b = dice_ce(out_b[:n], y_labeled, weight_c)
-    pseudo_a = out_a.detach().argmax(1)
-    pseudo_b = out_b.detach().argmax(1)
     uniform_a, uniform_b = (None, None) if uniforms is None else uniforms
-    map_a = sampling_map(out_a, state.bank_a.sampling_rates(config.gamma), uniform_a)
-    map_b = sampling_map(out_b, state.bank_b.sampling_rates(config.gamma), uniform_b)
-    cps_a = masked_cross_entropy(out_a, pseudo_b, map_a, weight_c)
-    cps_b = masked_cross_entropy(out_b, pseudo_a, map_b, weight_c)
-    weight = config.weight_at(epoch)
-    sup, cps = sup_a + sup_b, cps_a + cps_b
-    loss = sup + weight * cps
-    loss.backward()
-    optimizer_a.step()
-    optimizer_b.step()
-    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss, map_a.sum(), map_b.sum())
-    return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+    def losses(out_a: Tensor, out_b: Tensor) -> PairLosses:
+        state.bank_a.record(out_a[:n], y_labeled)
+        state.bank_b.record(out_b[:n], y_labeled)
+        weight_c = state.class_weight
+        map_a = sampling_map(out_a, state.bank_a.sampling_rates(config.gamma), uniform_a)
+        map_b = sampling_map(out_b, state.bank_b.sampling_rates(config.gamma), uniform_b)
+        return PairLosses(dice_ce(out_a[:n], y_labeled, weight_c), dice_ce(out_b[:n], y_labeled, weight_c),
+                          masked_cross_entropy(out_a, out_b.detach().argmax(1), map_a, weight_c),
+                          masked_cross_entropy(out_b, out_a.detach().argmax(1), map_b, weight_c),
+                          {"map_A": float(map_a.sum()), "map_B": float(map_b.sum())})
+
+    return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)

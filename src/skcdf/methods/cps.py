@@ -12,48 +12,24 @@ and w = ``CPSConfig.weight_at(epoch)``. Both networks take one SGD step on the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import cross_entropy, dice_ce, weight_during_epoch
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairState, cps_pair_step, weighted_pair_losses
 
 #: Loss terms returned by :func:`cps_step`, in DHC's names.
-LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
+LOSS_TERMS = PAIR_LOSS_TERMS
 
 
 @dataclass
-class CPSConfig:
-    """Hyper-parameters of DHC's ``train_cps.py`` (values: DHC's README command, ``-w 0.1 -ep 300 -r``).
-
-    cps_weight: ``-w``, the weight of the pseudo-supervision terms after ramp-up.
-    max_epoch: ``-ep``; rampup: ``-r``; rampup_length: ``-cr`` (None: max_epoch).
-    """
-
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
-
-    def weight_at(self, epoch: int) -> float:
-        """The pseudo-supervision weight during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
+class CPSConfig(PairConfig):
+    """Hyper-parameters of DHC's ``train_cps.py`` (values: DHC's README command, ``-w 0.1 -ep 300 -r``):
+    those of :class:`~skcdf.methods.cps_pair.PairConfig`."""
 
 
 @dataclass
-class CPSState:
+class CPSState(PairState):
     """What CPS trains besides the first network: the second network and its optimiser."""
-
-    net_b: nn.Module
-    optimizer_b: torch.optim.Optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net_b.load_state_dict(state["net_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
 
 
 def init_cps_pair(net_a: nn.Module, net_b: nn.Module) -> None:
@@ -82,26 +58,5 @@ def cps_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CPSSta
     Both networks are put in training mode. DHC splits the concatenated batch in halves; here the split is
     at b_l, which is the same for DHC's equal batch sizes.
     """
-    net_b, optimizer_b = state.net_b, state.optimizer_b
-    net_a.train()
-    net_b.train()
-    optimizer_a.zero_grad()
-    optimizer_b.zero_grad()
-    n = x_labeled.shape[0]
-    x = torch.cat([x_labeled, x_unlabeled], dim=0)
-    out_a = net_a(x)  # (b_l + b_u, K, D, H, W)
-    out_b = net_b(x)
-    sup_a = dice_ce(out_a[:n], y_labeled)
-    sup_b = dice_ce(out_b[:n], y_labeled)
-    pseudo_a = out_a.detach().argmax(1)  # (b_l + b_u, D, H, W)
-    pseudo_b = out_b.detach().argmax(1)
-    cps_a = cross_entropy(out_a, pseudo_b)
-    cps_b = cross_entropy(out_b, pseudo_a)
-    weight = config.weight_at(epoch)
-    sup, cps = sup_a + sup_b, cps_a + cps_b
-    loss = sup + weight * cps
-    loss.backward()
-    optimizer_a.step()
-    optimizer_b.step()
-    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss)
-    return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+    return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch),
+                         lambda out_a, out_b: weighted_pair_losses(out_a, out_b, y_labeled))

@@ -17,33 +17,26 @@ DHC's script also computes the paper's adaptive marginal loss (the unlabeled log
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce, masked_cross_entropy, weight_during_epoch
+from skcdf.methods.common import dice_ce, masked_cross_entropy
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step
 
 #: Loss terms returned by :func:`depl_step`, in DHC's names.
-LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total", "mask_A", "mask_B")
+LOSS_TERMS = PAIR_LOSS_TERMS + ("mask_A", "mask_B")
 
 
 @dataclass
-class DePLConfig:
+class DePLConfig(PairConfig):
     """Hyper-parameters of ``train_depl.py`` (README command ``-w 0.1 -ep 300 -r``; τ, the 0.9 threshold and
     the 0.99 momentum are fixed in the script)."""
 
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     tau: float = 1.0
     threshold: float = 0.9
     qhat_momentum: float = 0.99
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 def initial_qhat(num_classes: int, patch: Sequence[int], dtype: torch.dtype = torch.float32,
@@ -53,23 +46,11 @@ def initial_qhat(num_classes: int, patch: Sequence[int], dtype: torch.dtype = to
 
 
 @dataclass
-class DePLState:
+class DePLState(PairState):
     """Network B, its optimiser, and both networks' running marginals q̂ (1, K, D, H, W)."""
 
-    net_b: nn.Module
-    optimizer_b: torch.optim.Optimizer
     qhat_a: Tensor
     qhat_b: Tensor
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict(),
-                "qhat_a": self.qhat_a.clone(), "qhat_b": self.qhat_b.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net_b.load_state_dict(state["net_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
-        self.qhat_a = state["qhat_a"].clone()
-        self.qhat_b = state["qhat_b"].clone()
 
 
 def debiased_pseudo_labels(logits: Tensor, qhat: Tensor, tau: float, threshold: float) -> tuple[Tensor, Tensor]:
@@ -93,27 +74,15 @@ def depl_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DePLS
     must be the patch's). Returns ``LOSS_TERMS`` as floats; ``mask_A`` / ``mask_B`` count the voxels where
     A's / B's debiased pseudo-label passes the threshold.
     """
-    net_b, optimizer_b = state.net_b, state.optimizer_b
-    net_a.train()
-    net_b.train()
-    optimizer_a.zero_grad()
-    optimizer_b.zero_grad()
     n = x_labeled.shape[0]
-    out_a = net_a(torch.cat([x_labeled, x_unlabeled], dim=0))
-    out_b = net_b(torch.cat([x_labeled, x_unlabeled], dim=0))
-    sup_a = dice_ce(out_a[:n], y_labeled)
-    sup_b = dice_ce(out_b[:n], y_labeled)
-    target_a, mask_a = debiased_pseudo_labels(out_a, state.qhat_a, config.tau, config.threshold)
-    target_b, mask_b = debiased_pseudo_labels(out_b, state.qhat_b, config.tau, config.threshold)
-    state.qhat_a = update_qhat(state.qhat_a, out_a[n:], config.qhat_momentum)
-    state.qhat_b = update_qhat(state.qhat_b, out_b[n:], config.qhat_momentum)
-    cps_a = masked_cross_entropy(out_a, target_b, mask_b)
-    cps_b = masked_cross_entropy(out_b, target_a, mask_a)
-    weight = config.weight_at(epoch)
-    sup, cps = sup_a + sup_b, cps_a + cps_b
-    loss = sup + weight * cps
-    loss.backward()
-    optimizer_a.step()
-    optimizer_b.step()
-    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss, mask_a.sum(), mask_b.sum())
-    return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+    def losses(out_a: Tensor, out_b: Tensor) -> PairLosses:
+        target_a, mask_a = debiased_pseudo_labels(out_a, state.qhat_a, config.tau, config.threshold)
+        target_b, mask_b = debiased_pseudo_labels(out_b, state.qhat_b, config.tau, config.threshold)
+        state.qhat_a = update_qhat(state.qhat_a, out_a[n:], config.qhat_momentum)
+        state.qhat_b = update_qhat(state.qhat_b, out_b[n:], config.qhat_momentum)
+        return PairLosses(dice_ce(out_a[:n], y_labeled), dice_ce(out_b[:n], y_labeled),
+                          masked_cross_entropy(out_a, target_b, mask_b), masked_cross_entropy(out_b, target_a, mask_a),
+                          {"mask_A": float(mask_a.sum()), "mask_B": float(mask_b.sum())})
+
+    return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)

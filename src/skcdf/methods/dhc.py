@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import cross_entropy, dice_ce, weight_during_epoch
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
+                                    weighted_pair_losses)
 
 #: Loss terms returned by :func:`dhc_step`.
-LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
+LOSS_TERMS = PAIR_LOSS_TERMS
 
 
 def _ema(current: Tensor, past: Tensor, momentum: float) -> Tensor:
@@ -139,28 +140,18 @@ class DistDW:
 
 
 @dataclass
-class DHCConfig:
+class DHCConfig(PairConfig):
     """Hyper-parameters of DHC's ``train_dhc.py`` (values: DHC's README command, ``-w 0.1 -ep 300``;
     ``-r`` is on by default in this script). The DiffDW and DistDW momenta are fixed in the script."""
 
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     diffdw_accumulate_iters: int = 50
     distdw_momentum: float = 0.99
 
-    def weight_at(self, epoch: int) -> float:
-        """The pseudo-supervision weight during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
-
 
 @dataclass
-class DHCState:
+class DHCState(PairState):
     """Network B, its optimiser and the two class-weight statistics."""
 
-    net_b: nn.Module
-    optimizer_b: torch.optim.Optimizer
     diffdw: DiffDW
     distdw: DistDW
 
@@ -172,16 +163,6 @@ class DHCState:
         distdw = DistDW(num_classes, config.distdw_momentum, dtype, device)
         distdw.init_from_counts(labeled_class_counts)
         return cls(net_b, optimizer_b, DiffDW(num_classes, config.diffdw_accumulate_iters, dtype, device), distdw)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict(),
-                "diffdw": self.diffdw.state_dict(), "distdw": self.distdw.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net_b.load_state_dict(state["net_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
-        self.diffdw.load_state_dict(state["diffdw"])
-        self.distdw.load_state_dict(state["distdw"])
 
 
 def dhc_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DHCState, x_labeled: Tensor,
@@ -195,31 +176,12 @@ def dhc_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DHCSta
     Returns:
         ``LOSS_TERMS`` as floats, plus ``weight_A`` and ``weight_B``, the (K,) class weights used.
     """
-    net_b, optimizer_b = state.net_b, state.optimizer_b
-    net_a.train()
-    net_b.train()
-    optimizer_a.zero_grad()
-    optimizer_b.zero_grad()
     n = x_labeled.shape[0]
-    x = torch.cat([x_labeled, x_unlabeled], dim=0)
-    out_a = net_a(x)  # (b_l + b_u, K, D, H, W)
-    out_b = net_b(x)
-    pseudo_a = out_a.detach().argmax(1)
-    pseudo_b = out_b.detach().argmax(1)
-    weight_a = state.diffdw.update(out_a[:n].detach(), y_labeled)
-    weight_b = state.distdw.update(out_b[n:].detach())
-    sup_a = dice_ce(out_a[:n], y_labeled, weight_a)
-    sup_b = dice_ce(out_b[:n], y_labeled, weight_b)
-    cps_a = cross_entropy(out_a, pseudo_b, weight_a)
-    cps_b = cross_entropy(out_b, pseudo_a, weight_b)
-    weight = config.weight_at(epoch)
-    sup, cps = sup_a + sup_b, cps_a + cps_b
-    loss = sup + weight * cps
-    loss.backward()
-    optimizer_a.step()
-    optimizer_b.step()
-    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss)
-    terms: dict[str, Any] = {name: float(v.detach()) if isinstance(v, Tensor) else float(v)
-                             for name, v in zip(LOSS_TERMS, values)}
-    terms.update(weight_A=weight_a.detach().clone(), weight_B=weight_b.detach().clone())
-    return terms
+
+    def losses(out_a: Tensor, out_b: Tensor) -> PairLosses:
+        weight_a = state.diffdw.update(out_a[:n].detach(), y_labeled)
+        weight_b = state.distdw.update(out_b[n:].detach())
+        extras = {"weight_A": weight_a.detach().clone(), "weight_B": weight_b.detach().clone()}
+        return weighted_pair_losses(out_a, out_b, y_labeled, weight_a, weight_b)._replace(extras=extras)
+
+    return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)

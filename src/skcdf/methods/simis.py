@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import cross_entropy, dice_ce, weight_during_epoch
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
+                                    weighted_pair_losses)
 from skcdf.methods.crest import class_counts
 
 #: Loss terms returned by :func:`simis_step`, in DHC's names.
-LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
+LOSS_TERMS = PAIR_LOSS_TERMS
 
 
 def simis_gaps(counts: np.ndarray) -> np.ndarray:
@@ -37,18 +38,10 @@ def simis_gaps(counts: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class SimiSConfig:
+class SimiSConfig(PairConfig):
     """Hyper-parameters of ``train_simis.py`` (README command ``-w 0.1 -ep 300 -r``; momentum fixed)."""
 
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     momentum: float = 0.99
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 class SimiSWeights:
@@ -78,23 +71,11 @@ class SimiSWeights:
 
 
 @dataclass
-class SimiSState:
+class SimiSState(PairState):
     """Network B, its optimiser, and both networks' class weights."""
 
-    net_b: nn.Module
-    optimizer_b: torch.optim.Optimizer
     weights_a: SimiSWeights
     weights_b: SimiSWeights
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net_b": self.net_b.state_dict(), "optimizer_b": self.optimizer_b.state_dict(),
-                "weights_a": self.weights_a.state_dict(), "weights_b": self.weights_b.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net_b.load_state_dict(state["net_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
-        self.weights_a.load_state_dict(state["weights_a"])
-        self.weights_b.load_state_dict(state["weights_b"])
 
 
 def simis_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: SimiSState, x_labeled: Tensor,
@@ -105,28 +86,10 @@ def simis_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: Simi
     Args: as :func:`~skcdf.methods.cps.cps_step` (``state`` holds B and the weights). Returns ``LOSS_TERMS``
     as floats.
     """
-    net_b, optimizer_b = state.net_b, state.optimizer_b
-    net_a.train()
-    net_b.train()
-    optimizer_a.zero_grad()
-    optimizer_b.zero_grad()
-    n = x_labeled.shape[0]
-    x = torch.cat([x_labeled, x_unlabeled], dim=0)
-    out_a = net_a(x)
-    out_b = net_b(x)
-    pseudo_a = out_a.detach().argmax(1)
-    pseudo_b = out_b.detach().argmax(1)
-    weight_a = state.weights_a.update(out_a)
-    weight_b = state.weights_b.update(out_b)
-    sup_a = dice_ce(out_a[:n], y_labeled, weight_a)
-    sup_b = dice_ce(out_b[:n], y_labeled, weight_b)
-    cps_a = cross_entropy(out_a, pseudo_b, weight_a)
-    cps_b = cross_entropy(out_b, pseudo_a, weight_b)
-    weight = config.weight_at(epoch)
-    sup, cps = sup_a + sup_b, cps_a + cps_b
-    loss = sup + weight * cps
-    loss.backward()
-    optimizer_a.step()
-    optimizer_b.step()
-    values = (sup_a, sup_b, cps_a, cps_b, sup, cps, weight, loss)
-    return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+    def losses(out_a: Tensor, out_b: Tensor) -> PairLosses:
+        weight_a = state.weights_a.update(out_a)
+        weight_b = state.weights_b.update(out_b)
+        return weighted_pair_losses(out_a, out_b, y_labeled, weight_a, weight_b)
+
+    return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)

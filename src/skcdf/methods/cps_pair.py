@@ -1,0 +1,135 @@
+"""The CPS-pair skeleton that CPS, DePL, Adsh, CReST, SimiS, DHC and CLD share (DHC's ``train_*.py``).
+
+Two networks A and B see the whole batch x = [x_l; x_u]; each is supervised on the labeled part and taught
+by the other's pseudo-labels, and both take one SGD step on
+
+    loss = sup_A + sup_B + λ(epoch) · (cps_A + cps_B)
+
+Only how the four terms are computed from the two outputs differs between the methods: each passes a
+:data:`PairLossFn` to :func:`cps_pair_step`. Also shared: the ramped weight λ (:class:`PairConfig`) and
+the state holding B, its optimiser and the method's statistics (:class:`PairState`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from skcdf.methods.common import cross_entropy, dice_ce, weight_during_epoch
+
+#: Loss terms every CPS-pair step returns, in DHC's names (methods may add their own after them).
+PAIR_LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
+
+
+@dataclass
+class PairConfig:
+    """The pseudo-supervision weight of DHC's scripts (README command ``-w 0.1 -ep 300 -r``).
+
+    cps_weight: ``-w``, the weight after ramp-up; max_epoch: ``-ep``; rampup: ``-r``;
+    rampup_length: ``-cr`` (None: max_epoch).
+    """
+
+    cps_weight: float = 0.1
+    max_epoch: int = 300
+    rampup: bool = True
+    rampup_length: float | None = None
+
+    def weight_at(self, epoch: int) -> float:
+        """λ during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
+        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
+
+
+@dataclass
+class PairState:
+    """Network B and its optimiser; subclasses add the method's statistics as further fields.
+
+    :meth:`state_dict` saves every field under its name: a tensor as a clone, anything else through its
+    own ``state_dict``; :meth:`load_state_dict` restores them the same way.
+    """
+
+    net_b: nn.Module
+    optimizer_b: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: _save(getattr(self, f.name)) for f in fields(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            current = getattr(self, f.name)
+            if isinstance(current, Tensor):
+                setattr(self, f.name, state[f.name].clone())
+            else:
+                current.load_state_dict(state[f.name])
+
+
+def _save(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value.state_dict()
+
+
+class PairLosses(NamedTuple):
+    """The four terms of one CPS-pair iteration, and what the method reports besides (added as they are)."""
+
+    sup_a: Tensor
+    sup_b: Tensor
+    cps_a: Tensor
+    cps_b: Tensor
+    extras: dict[str, Any] | None = None
+
+
+#: (logits of A, logits of B), each (b_l + b_u, K, D, H, W), labeled samples first → the four terms.
+PairLossFn = Callable[[Tensor, Tensor], PairLosses]
+
+
+def cps_pair_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: PairState, x_labeled: Tensor,
+                  x_unlabeled: Tensor, weight: float, losses: PairLossFn) -> dict[str, Any]:
+    """One CPS-pair iteration: both forwards on [x_l; x_u], ``losses``, backward, one step of each optimiser.
+
+    Args:
+        net_a, optimizer_a: network A and its optimiser (B and its optimiser are in ``state``).
+        x_labeled: (b_l, C, D, H, W); x_unlabeled: (b_u, C, D, H, W).
+        weight: λ, the weight of the pseudo-supervision terms.
+        losses: the method's terms from the two outputs (it closes over the labels and its statistics).
+    Returns:
+        :data:`PAIR_LOSS_TERMS` as Python floats, then the method's extras.
+
+    Both networks are put in training mode; A runs first (which fixes the order of random draws).
+    """
+    net_b, optimizer_b = state.net_b, state.optimizer_b
+    net_a.train()
+    net_b.train()
+    optimizer_a.zero_grad()
+    optimizer_b.zero_grad()
+    x = torch.cat([x_labeled, x_unlabeled], dim=0)
+    out_a = net_a(x)
+    out_b = net_b(x)
+    terms = losses(out_a, out_b)
+    sup, cps = terms.sup_a + terms.sup_b, terms.cps_a + terms.cps_b
+    loss = sup + weight * cps
+    loss.backward()
+    optimizer_a.step()
+    optimizer_b.step()
+    values = (terms.sup_a, terms.sup_b, terms.cps_a, terms.cps_b, sup, cps, weight, loss)
+    report: dict[str, Any] = {name: float(v.detach()) if isinstance(v, Tensor) else float(v)
+                              for name, v in zip(PAIR_LOSS_TERMS, values)}
+    report.update(terms.extras or {})
+    return report
+
+
+def weighted_pair_losses(out_a: Tensor, out_b: Tensor, y_labeled: Tensor, weight_a: Tensor | None = None,
+                         weight_b: Tensor | None = None) -> PairLosses:
+    """CPS's terms with optional class weights (K,) per network, used in both of its losses:
+
+    sup_A = DiceCE_{w_A}(o_A(x_l), y),  cps_A = CE_{w_A}(o_A, argmax o_B)   (same for B).
+    """
+    n = y_labeled.shape[0]
+    pseudo_a = out_a.detach().argmax(1)
+    pseudo_b = out_b.detach().argmax(1)
+    return PairLosses(dice_ce(out_a[:n], y_labeled, weight_a), dice_ce(out_b[:n], y_labeled, weight_b),
+                      cross_entropy(out_a, pseudo_b, weight_a), cross_entropy(out_b, pseudo_a, weight_b))
+
+
+__all__ = ["PAIR_LOSS_TERMS", "PairConfig", "PairLossFn", "PairLosses", "PairState", "cps_pair_step",
+           "weighted_pair_losses"]
