@@ -254,3 +254,22 @@ def test_cli(tiny_phantom, tmp_path, capsys):
     assert main(["train", "phantom", "--data", str(tiny_phantom), "--out", str(run), "--set", *settings,
                  "num_workers=0"]) == 0
     assert (run / "best.pt").exists() and len(_rows(run)) == 1
+
+
+def test_decoupled_balance_mode_detaches_the_balanced_heads_and_shifts_their_prior(tiny_phantom, tmp_path,
+                                                                                   monkeypatch):
+    """balance_mode: decoupled wires its two parts: the balanced heads read detached features, and each
+    epoch the head transfers get log p (Hl) and log q(epoch) (Hu) as prior shifts; the reference mode neither."""
+    shifts = []
+    real_shift = trainer.KnowledgeTransfer.set_prior_shift
+    monkeypatch.setattr(trainer.KnowledgeTransfer, "set_prior_shift",
+                        lambda self, step, shift: (shifts.append((step, shift.clone())), real_shift(self, step, shift)))
+    model = train(tiny_config(balance_mode="decoupled", val_every=0), tiny_phantom, tmp_path / "decoupled")
+    assert model.labeled_decoder.detach_aux and model.unlabeled_decoder.detach_aux
+    assert [step for step, _ in shifts] == ["Hl", "Hu"] * 2  # two epochs
+    (_, hl), (_, hu_first) = shifts[0], shifts[1]
+    assert torch.all(hl <= 0) and hl.min() < 0  # log p: every class kept with probability <= 1
+    assert torch.all(hu_first == 0)  # q(0) = 1: the unlabeled mask keeps everything in the first epoch
+    shifts.clear()
+    model = train(tiny_config(balance_mode="reference", val_every=0), tiny_phantom, tmp_path / "reference")
+    assert not model.labeled_decoder.detach_aux and not shifts
