@@ -563,21 +563,26 @@ def _labeled_set(inputs: dict[str, torch.Tensor]) -> Any:
     return LabeledSet()
 
 
-def _wire_crest(ctx: Context) -> None:
+def _wire_weighted_pair(ctx: Context, name: str, init: str, momentum_key: str, **hparams: float) -> None:
+    """CReST and SimiS: a CPS pair whose four losses are weighted by the method's class weights, one
+    weight object per network (``module.<name>``, initialised by its ``<init>`` on the labeled set)."""
     module, args = ctx.module, ctx.args
     _wire_pair(ctx)
-    crest_A = module.CReST(module.config.num_cls, do_bg=True, momentum=0.99)
-    crest_B = module.CReST(module.config.num_cls, do_bg=True, momentum=0.99)
-    weight_A = crest_A.init_crest_weight(_labeled_set(ctx.inputs))
-    weight_B = crest_B.init_crest_weight(_labeled_set(ctx.inputs))
-    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
-                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
-        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
-        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight=weight))
-    ctx.namespace.update(crest_A=crest_A, crest_B=crest_B)
-    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, crest_momentum=0.99, crest_alpha=1 / 3)
+    weighting = {net: getattr(module, name)(module.config.num_cls, do_bg=True, momentum=0.99) for net in "AB"}
+    weight = {net: getattr(weighting[net], init)(_labeled_set(ctx.inputs)) for net in "AB"}
+    for loss, key, net in (("loss_func_A", "sup_A", "A"), ("loss_func_B", "sup_B", "B"),
+                           ("cps_loss_func_A", "cps_A", "A"), ("cps_loss_func_B", "cps_B", "B")):
+        loss_name = args.sup_loss if loss.startswith("loss") else args.cps_loss
+        ctx.log_loss(loss, key, module.make_loss_function(loss_name, weight=weight[net]))
+    prefix = name.lower()
+    ctx.namespace.update({f"{prefix}_{net}": weighting[net] for net in "AB"})
+    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, **{momentum_key: 0.99}, **hparams)
     ctx.extra["labeled_class_counts"] = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
-    ctx.extra["crest_weights0"] = {"A": crest_A.weights.clone(), "B": crest_B.weights.clone()}
+    ctx.extra[f"{prefix}_weights0"] = {net: weighting[net].weights.clone() for net in "AB"}
+
+
+def _wire_crest(ctx: Context) -> None:
+    _wire_weighted_pair(ctx, "CReST", "init_crest_weight", "crest_momentum", crest_alpha=1 / 3)
 
 
 def _iteration_crest(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
@@ -590,20 +595,7 @@ def _iteration_crest(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) ->
 # ---- SimiS (class weights from the gap to the most frequent predicted class)
 
 def _wire_simis(ctx: Context) -> None:
-    module, args = ctx.module, ctx.args
-    _wire_pair(ctx)
-    simis_A = module.SimiS(module.config.num_cls, do_bg=True, momentum=0.99)
-    simis_B = module.SimiS(module.config.num_cls, do_bg=True, momentum=0.99)
-    weight_A = simis_A.init_weight(_labeled_set(ctx.inputs))
-    weight_B = simis_B.init_weight(_labeled_set(ctx.inputs))
-    for name, key, weight in (("loss_func_A", "sup_A", weight_A), ("loss_func_B", "sup_B", weight_B),
-                              ("cps_loss_func_A", "cps_A", weight_A), ("cps_loss_func_B", "cps_B", weight_B)):
-        loss_name = args.sup_loss if name.startswith("loss") else args.cps_loss
-        ctx.log_loss(name, key, module.make_loss_function(loss_name, weight=weight))
-    ctx.namespace.update(simis_A=simis_A, simis_B=simis_B)
-    ctx.hparams.update(sup_loss=args.sup_loss, cps_loss=args.cps_loss, simis_momentum=0.99)
-    ctx.extra["labeled_class_counts"] = torch.bincount(ctx.inputs["label_l"].reshape(-1), minlength=NUM_CLASSES)
-    ctx.extra["simis_weights0"] = {"A": simis_A.weights.clone(), "B": simis_B.weights.clone()}
+    _wire_weighted_pair(ctx, "SimiS", "init_weight", "simis_momentum")
 
 
 # ---- Basak (train_acisis.py: mean teacher, pseudo-labels sampled by class rates from fuzzy rank fusion)
