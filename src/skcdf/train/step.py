@@ -59,12 +59,20 @@ def pseudo_labels_of(logits: Tensor, threshold: float | None) -> tuple[Tensor, T
     return labels, confidence >= threshold
 
 
+#: Balance modes whose trained loss is already the DiceCE over the kept voxels alone.
+_KEPT_VOXEL_MODES = ("exclude", "decoupled")
+
+
 @torch.no_grad()
-def kept_voxel_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+def kept_voxel_loss(trained: Tensor, logits: Tensor, labels: Tensor, mask: Tensor, balance_mode: str) -> Tensor:
     """Diagnostic: DiceCE of a balanced head over the kept voxels alone ("exclude" normalisation), no graph.
 
+    trained: the balanced term the step trains on, returned as it is (detached) when ``balance_mode``
+    already normalises over the kept voxels, so the hot path computes it once.
     logits (b,K,D,H,W); labels (b,D,H,W) int64; mask (b,D,H,W) bool. Returns a 0-d tensor.
     """
+    if balance_mode in _KEPT_VOXEL_MODES:
+        return trained.detach()
     return balanced_dice_ce(logits.detach(), labels, mask, "exclude")
 
 
@@ -110,8 +118,8 @@ def semi_supervised_loss(
             mask_unlabeled = mask_unlabeled & confident_aux
         sup_bal = balanced_dice_ce(labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode, keep_labeled)
         unsup_bal = balanced_dice_ce(unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode, keep_unlabeled)
-        sup_bal_kept = kept_voxel_loss(labeled_aux[:batch_labeled], y_labeled, mask_labeled)
-        unsup_bal_kept = kept_voxel_loss(unlabeled_aux, pseudo_label_aux, mask_unlabeled)
+        sup_bal_kept = kept_voxel_loss(sup_bal, labeled_aux[:batch_labeled], y_labeled, mask_labeled, balance_mode)
+        unsup_bal_kept = kept_voxel_loss(unsup_bal, unlabeled_aux, pseudo_label_aux, mask_unlabeled, balance_mode)
         pseudo_labels["aux"] = pseudo_label_aux
     loss = sup_main + sup_bal + unsup_weight * (unsup_main + unsup_bal)
     terms = torch.stack([sup_main, sup_bal, unsup_main, unsup_bal, sup_bal_kept, unsup_bal_kept]).detach()
@@ -139,6 +147,6 @@ def supervised_loss(
     if aux is not None:
         mask = sample_balance_mask(keep_labeled, y)
         sup_bal = balanced_dice_ce(aux, y, mask, balance_mode, keep_labeled)
-        sup_bal_kept = kept_voxel_loss(aux, y, mask)
+        sup_bal_kept = kept_voxel_loss(sup_bal, aux, y, mask, balance_mode)
     loss = sup_main + sup_bal
     return loss, torch.stack([sup_main, sup_bal, zero, zero, sup_bal_kept, zero]).detach(), {}
