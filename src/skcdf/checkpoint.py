@@ -13,9 +13,10 @@ from types import TracebackType
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from skcdf.compat import from_reference_state_dict
-from skcdf.nn import SKCDFNet
+from skcdf.methods.plugin import build_network
 from skcdf.utils import InputError, atomic_path
 
 #: Marks a checkpoint written by skcdf (training or ``import-reference``).
@@ -136,8 +137,9 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
 
 
 def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
-               patch_size: Sequence[int] = (64, 128, 128), num_heads: int = 2) -> tuple[SKCDFNet, dict]:
-    """Rebuild the model of any checkpoint skcdf accepts, in eval mode on ``device``.
+               patch_size: Sequence[int] = (64, 128, 128), num_heads: int = 2) -> tuple[nn.Module, dict]:
+    """Rebuild the model of any checkpoint skcdf accepts, in eval mode on ``device``: an SKCDFNet, or
+    a Table 1 method's :class:`~skcdf.methods.plugin.MethodNet` (the same inference calls).
 
     Accepts a run folder, an skcdf checkpoint (training or ``import-reference``), or a reference
     ``best_model.pth``; ``patch_size`` and ``num_heads`` apply to the latter only (its file does not
@@ -153,7 +155,7 @@ def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
     payload = load_checkpoint(path)
     try:
         if payload.get("format") == FORMAT:
-            model = SKCDFNet(**payload["model_args"])
+            model = build_network(payload["model_args"])
             model.load_state_dict(payload["model"])
             # the training flips decide how --tta flips; a checkpoint from before the key flipped as the reference
             flips = (payload.get("config") or {}).get("flips", "reference")

@@ -1,7 +1,7 @@
-"""The methods: the registry of what can be trained (SKCDF, its ablation variants and the two
-supervised references, SPEC §3), and, in submodules, the steps of the paper's Table 1 baselines
-(``cps``, ``uamt``, ``dhc``, ``dst``, …: each checked against DHC's public code, docs/methods.md; not
-registered yet).
+"""The methods: the registry of what can be trained (SKCDF, its ablation variants, the two supervised
+references, SPEC §3, and the paper's Table 1 methods), and, in submodules, the Table 1 methods
+themselves (``cps``, ``uamt``, ``dhc``, ``dst``, …: each checked against DHC's public code,
+docs/methods.md), plugged into the trainer through :mod:`skcdf.methods.plugin`.
 
 This is the one place a method is defined, and the one module that names methods. A method is its
 switches (the defaults of the configuration keys ``skcm``, ``aux_heads``, ``shared_decoder`` and
@@ -10,8 +10,11 @@ and whether ``skcdf ablate`` and ``skcdf demo`` run it by default. The configura
 (:mod:`skcdf.train.config`), the trainer, :mod:`skcdf.ablate`, :mod:`skcdf.demo` and the CLI read it
 from here.
 
-To add a method: write its step, if it is new, in :mod:`skcdf.train.step` (and name it in
-``STEPS`` there), then add one :class:`Method` below. Nothing else holds method names.
+To add a method: write its module here, ending with a :class:`~skcdf.methods.plugin.Recipe` (its
+networks, state, step and test-time rule; ``cps.py`` is the shortest example), then add one
+:class:`Method` below with ``step="plugin"`` and ``module`` naming that file. (An SKCDF variant is a
+new combination of switches with the ``semi`` step of :mod:`skcdf.train.step`.) Nothing else holds
+method names.
 
 This module imports nothing heavy: the CLI reads it to build ``--help``.
 """
@@ -20,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: The step families of :mod:`skcdf.train.step`: the two-flow SKCDF step, and the labeled loss alone.
-STEP_KINDS = ("semi", "supervised")
+#: How a method trains: the two-flow SKCDF step or the labeled loss alone (:mod:`skcdf.train.step`), or
+#: a Table 1 method's own step (:mod:`skcdf.methods.plugin`).
+STEP_KINDS = ("semi", "supervised", "plugin")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Method:
 
     name: str                 # the configuration's ``variant`` value and the run folders' name
     title: str                # row title in result tables (ablation.md, comparisons)
-    step: str                 # "semi" or "supervised" (STEP_KINDS)
+    step: str                 # "semi", "supervised" or "plugin" (STEP_KINDS)
     skcm: bool                # defaults of the four method switches (docs/configuration.md)
     aux_heads: bool
     shared_decoder: bool
@@ -38,11 +42,18 @@ class Method:
     labeled_split: str = "labeled_split"  # configuration key of the split its labeled cases come from
     ablation: bool = False                # one of `skcdf ablate`'s default rows
     demo_title: str | None = None         # title in `skcdf demo`'s report; None: the demo does not run it
+    module: str | None = None             # plug-ins: the module of skcdf.methods that holds its Recipe
+    paper: str | None = None              # plug-ins: the paper, for docs/methods.md and tables
 
     @property
     def semi(self) -> bool:
-        """Whether it trains on unlabeled cases (the two-flow step)."""
-        return self.step == "semi"
+        """Whether it trains on unlabeled cases too."""
+        return self.step != "supervised"
+
+    @property
+    def plugin(self) -> bool:
+        """Whether it is a Table 1 method with its own networks and step (:mod:`skcdf.methods.plugin`)."""
+        return self.step == "plugin"
 
     def switches(self) -> dict[str, bool | str]:
         """Defaults of the four method switches, by configuration key."""
@@ -51,6 +62,8 @@ class Method:
 
 
 _SUPERVISED = dict(step="supervised", skcm=False, aux_heads=False, shared_decoder=True, ema_order="none")
+# the SKCDF switches do not apply to a plug-in; they resolve to the plain network's
+_PLUGIN = dict(step="plugin", skcm=False, aux_heads=False, shared_decoder=True, ema_order="none")
 
 #: Every method, in the order of the paper's Table 3, then the two references.
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -67,6 +80,20 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("labeled_only", "Labeled only (VNet)", ablation=True, demo_title="Labeled only (phantom)", **_SUPERVISED),
     # every training case labeled: the upper bound
     Method("fully_supervised", "Fully supervised (VNet)", labeled_split="train_split", **_SUPERVISED),
+    # the paper's Table 1 methods, in its order, as DHC's code base trains them (docs/methods.md)
+    *(Method(name, title, module=module, paper=paper, **_PLUGIN) for name, title, module, paper in (
+        ("uamt", "UA-MT", "uamt", "Yu et al., MICCAI 2019"),
+        ("urpc", "URPC", "urpc", "Luo et al., MICCAI 2021"),
+        ("cps", "CPS", "cps", "Chen et al., CVPR 2021"),
+        ("dst", "DST", "dst", "Chen et al., NeurIPS 2022"),
+        ("depl", "DePL", "depl", "Wang et al., CVPR 2022"),
+        ("adsh", "Adsh", "adsh", "Guo & Li, ICML 2022"),
+        ("crest", "CReST", "crest", "Wei et al., CVPR 2021"),
+        ("simis", "SimiS", "simis", "Chen et al., arXiv 2022"),
+        ("basak", "Basak et al.", "acisis", "Basak et al., MICCAI 2022"),
+        ("cld", "CLD", "cld", "Lin et al., MICCAI 2022"),
+        ("dhc", "DHC", "dhc", "Wang & Li, MICCAI 2023"),
+    )),
 )}
 
 #: SKCDF itself: the default ``variant``, and the method of the ablations' extra rows (EMA orders, ...).
@@ -91,6 +118,11 @@ def ablation_names() -> list[str]:
 def demo_methods() -> list[Method]:
     """The methods `skcdf demo` trains side by side, SKCDF first."""
     return [m for m in METHODS.values() if m.demo_title is not None]
+
+
+def plugin_names() -> list[str]:
+    """The paper's Table 1 methods, in its order."""
+    return [name for name, m in METHODS.items() if m.plugin]
 
 
 def title(name: str) -> str:

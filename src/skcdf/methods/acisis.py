@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce, masked_cross_entropy, weight_during_epoch
+from skcdf.methods.common import DHCVNet, dice_ce, init_like_dhc, masked_cross_entropy, weight_during_epoch
 from skcdf.methods.uamt import update_teacher
+from skcdf.methods.plugin import Context, Recipe
 
 #: Loss terms returned by :func:`acisis_step`, in DHC's names.
 LOSS_TERMS = ("sup", "cps", "cps_w", "total", "sample_map_sum")
@@ -205,3 +206,18 @@ def acisis_step(student: nn.Module, optimizer: torch.optim.Optimizer, state: Aci
     update_teacher(student, teacher, config.ema_alpha_at(epoch))
     values = (sup, cps, weight, loss, sample_map.sum())
     return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+
+def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -> dict[str, nn.Module]:
+    # both kaiming-initialised, separately: the teacher is not a copy of the student (as DHC)
+    return {name: init_like_dhc(DHCVNet(in_channels, num_classes, filters, dropout=dropout))
+            for name in ("student", "teacher")}
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[AcisisState, AcisisConfig]:
+    config = AcisisConfig(update_iter=context.iterations_per_epoch, max_epoch=context.max_epoch)
+    return AcisisState(networks["teacher"], ClassRates(context.num_classes, config, device=context.device)), config
+
+
+RECIPE = Recipe(_networks, inference=("student",), start=_start, step=acisis_step,
+                terms=LOSS_TERMS, supervised="sup", unsupervised="cps", weight="cps_w", trained="student")

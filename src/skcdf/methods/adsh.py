@@ -1,6 +1,6 @@
 """Adaptive thresholding (Adsh; Guo & Li, ICML 2022) as DHC's ``code/train_adsh.py`` trains it.
 
-A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps.init_cps_pair`).
+A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps_pair.vnet_pair`).
 Each network keeps an :class:`AdshBank` of the softmax of its recent unlabeled outputs, from which it
 derives one threshold per class. With x = [x_l; x_u] and logits o_A, o_B over the whole batch:
 
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skcdf.methods.common import dice_ce
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step, pair_recipe
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`adsh_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -133,3 +134,16 @@ def adsh_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: AdshS
 def _voxels_per_class(sampling_map: Tensor) -> list[float]:
     """(K,) voxels whose logit a sampling map (b, K, …) keeps, per class."""
     return sampling_map.sum(dim=(0, *range(2, sampling_map.ndim))).tolist()
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[AdshState, AdshConfig]:
+    config = AdshConfig(max_epoch=context.max_epoch)
+    # DHC: tot_iter = (unlabeled cases) // 4 samples; at least one batch, so that the bank fills
+    size = max(context.unlabeled_cases // 4, context.batch_unlabeled)
+    banks = [AdshBank(context.num_classes, context.patch_size, size, config.thresh_major, device=context.device)
+             for _ in range(2)]
+    net_b = networks["B"]
+    return AdshState(net_b, context.new_optimizer(net_b), *banks), config
+
+
+RECIPE = pair_recipe(_start, adsh_step)

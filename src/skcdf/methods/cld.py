@@ -1,6 +1,6 @@
 """Calibrating label distribution (CLD; Lin et al., MICCAI 2022) as DHC's ``code/train_cld.py`` trains it.
 
-A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps.init_cps_pair`) with
+A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps_pair.vnet_pair`) with
 
 * fixed class weights from the labeled set, w_c = (max N / N_c)^(1/3) (float32, as DHC), on the supervised
   CE and Dice and on the pseudo-label CE;
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skcdf.methods.common import dice_ce, masked_cross_entropy
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step, pair_recipe
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`cld_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS + ("map_A", "map_B")
@@ -139,3 +140,16 @@ def cld_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CLDSta
                           {"map_A": float(map_a.sum()), "map_B": float(map_b.sum())})
 
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[CLDState, CLDConfig]:
+    config = CLDConfig(max_epoch=context.max_epoch)
+    weight = torch.as_tensor(cld_class_weights(context.labeled_class_counts.cpu().numpy()), device=context.device)
+    # DHC starts each bank from torch.rand(K); its first update replaces them
+    banks = [ConfidenceBank(torch.rand(context.num_classes, device=context.device), config.update_iter,
+                            config.momentum) for _ in range(2)]
+    net_b = networks["B"]
+    return CLDState(net_b, context.new_optimizer(net_b), weight, *banks), config
+
+
+RECIPE = pair_recipe(_start, cld_step, LOSS_TERMS)

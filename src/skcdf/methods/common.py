@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,19 @@ class DHCVNet(nn.Module):
 
 _STAGE_NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DHC_KEY = re.compile(r"^block_(\w+?)(_dw|_up)?\.conv\.(.+)$")
+
+
+def init_like_dhc(net: nn.Module, init: Callable[[Tensor], Any] = nn.init.kaiming_normal_) -> nn.Module:
+    """DHC's ``kaiming_normal_init_weight`` (or, with ``init=nn.init.xavier_normal_``, its xavier twin):
+    Conv3d weights drawn by ``init``, BatchNorm weight 1 and bias 0; everything else (conv biases,
+    transposed convolutions) keeps PyTorch's default. Returns ``net``."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv3d):
+            init(module.weight)
+        elif isinstance(module, nn.BatchNorm3d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return net
 
 
 def dhc_to_skcdf_key(key: str) -> str:

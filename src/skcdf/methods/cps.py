@@ -1,6 +1,6 @@
 """Cross pseudo supervision (CPS; Chen et al., CVPR 2021) as DHC's ``code/train_cps.py`` trains it.
 
-Two VNets of the same layout (DHC initialises A kaiming-normal, B xavier-normal: :func:`init_cps_pair`)
+Two VNets of the same layout (DHC initialises A kaiming-normal, B xavier-normal: :func:`~skcdf.methods.cps_pair.vnet_pair`)
 each learn from the labels and from the other's hard pseudo-labels on the whole batch:
 
     loss = DiceCE(A(x_l), y) + DiceCE(B(x_l), y) + w · [CE(A(x), argmax B(x)) + CE(B(x), argmax A(x))]
@@ -12,10 +12,13 @@ and w = ``CPSConfig.weight_at(epoch)``. Both networks take one SGD step on the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairState, cps_pair_step, weighted_pair_losses
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairState, cps_pair_step, pair_recipe,
+                                    weighted_pair_losses)
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`cps_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -30,18 +33,6 @@ class CPSConfig(PairConfig):
 @dataclass
 class CPSState(PairState):
     """What CPS trains besides the first network: the second network and its optimiser."""
-
-
-def init_cps_pair(net_a: nn.Module, net_b: nn.Module) -> None:
-    """DHC's initialisation: Conv3d weights kaiming-normal in A and xavier-normal in B; BatchNorm 1 / 0;
-    everything else (conv biases, transposed convolutions) keeps PyTorch's default."""
-    for net, init in ((net_a, nn.init.kaiming_normal_), (net_b, nn.init.xavier_normal_)):
-        for module in net.modules():
-            if isinstance(module, nn.Conv3d):
-                init(module.weight)
-            elif isinstance(module, nn.BatchNorm3d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
 
 def cps_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CPSState, x_labeled: Tensor,
@@ -60,3 +51,11 @@ def cps_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CPSSta
     """
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch),
                          lambda out_a, out_b: weighted_pair_losses(out_a, out_b, y_labeled))
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[CPSState, CPSConfig]:
+    net_b = networks["B"]
+    return CPSState(net_b, context.new_optimizer(net_b)), CPSConfig(max_epoch=context.max_epoch)
+
+
+RECIPE = pair_recipe(_start, cps_step)

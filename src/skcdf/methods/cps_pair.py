@@ -12,13 +12,15 @@ the state holding B, its optimiser and the method's statistics (:class:`PairStat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import cross_entropy, dice_ce, weight_during_epoch
+from skcdf.methods.common import DHCVNet, cross_entropy, dice_ce, init_like_dhc, weight_during_epoch
+from skcdf.methods.plugin import Context, MethodState, Recipe, Step
 
 #: Loss terms every CPS-pair step returns, in DHC's names (methods may add their own after them).
 PAIR_LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
@@ -131,5 +133,21 @@ def weighted_pair_losses(out_a: Tensor, out_b: Tensor, y_labeled: Tensor, weight
                       cross_entropy(out_a, pseudo_b, weight_a), cross_entropy(out_b, pseudo_a, weight_b))
 
 
+def vnet_pair(in_channels: int, num_classes: int, filters: int, dropout: bool,
+              init_b: Callable[[Tensor], Any] = nn.init.xavier_normal_) -> dict[str, nn.Module]:
+    """DHC's two VNets: A kaiming-normal, B ``init_b`` (xavier-normal in every script but DHC's own)."""
+    return {"A": init_like_dhc(DHCVNet(in_channels, num_classes, filters, dropout=dropout)),
+            "B": init_like_dhc(DHCVNet(in_channels, num_classes, filters, dropout=dropout), init_b)}
+
+
+def pair_recipe(start: Callable[[dict[str, nn.Module], Context], tuple[MethodState, Any]], step: Step,
+                terms: tuple[str, ...] = PAIR_LOSS_TERMS,
+                init_b: Callable[[Tensor], Any] = nn.init.xavier_normal_) -> Recipe:
+    """The :class:`~skcdf.methods.plugin.Recipe` of a CPS-pair method: :func:`vnet_pair`, A's and B's
+    logits averaged at test time (DHC's ``test.py --cps AB``), DHC's loss names."""
+    return Recipe(networks=functools.partial(vnet_pair, init_b=init_b), inference=("A", "B"), start=start,
+                  step=step, terms=terms, supervised="sup", unsupervised="cps", weight="cps_w")
+
+
 __all__ = ["PAIR_LOSS_TERMS", "PairConfig", "PairLossFn", "PairLosses", "PairState", "cps_pair_step",
-           "weighted_pair_losses"]
+           "pair_recipe", "vnet_pair", "weighted_pair_losses"]

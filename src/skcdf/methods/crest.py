@@ -1,6 +1,6 @@
 """Class-rebalancing self-training (CReST; Wei et al., CVPR 2021) as DHC's ``code/train_crest.py`` trains it.
 
-A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps.init_cps_pair`) in
+A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps_pair.vnet_pair`) in
 which both losses of each network are class-weighted with CReST's sampling rates, turned into weights:
 
     μ_c = ((N_c + 1e-8) / (max N + 1e-8))^(1/3);  the class with the l-th largest μ gets the l-th smallest μ
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
-                                    weighted_pair_losses)
+                                    pair_recipe, weighted_pair_losses)
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`crest_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -106,3 +107,14 @@ def crest_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CReS
         return weighted_pair_losses(out_a, out_b, y_labeled, weight_a, weight_b)
 
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[CReSTState, CReSTConfig]:
+    config = CReSTConfig(max_epoch=context.max_epoch)
+    counts = context.labeled_class_counts.cpu().numpy()
+    weights = [CReSTWeights(counts, config.momentum, device=context.device) for _ in range(2)]
+    net_b = networks["B"]
+    return CReSTState(net_b, context.new_optimizer(net_b), *weights), config
+
+
+RECIPE = pair_recipe(_start, crest_step)

@@ -1,6 +1,6 @@
 """Debiased pseudo-labelling (DePL; Wang et al., CVPR 2022) as DHC's ``code/train_depl.py`` trains it.
 
-A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps.init_cps_pair`) in
+A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps_pair.vnet_pair`) in
 which each network's pseudo-labels are debiased by its own running class marginal q̂ before they teach the
 other network. With x = [x_l; x_u], logits o_A, o_B over the whole batch:
 
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from skcdf.methods.common import dice_ce, masked_cross_entropy
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step, pair_recipe
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`depl_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS + ("mask_A", "mask_B")
@@ -86,3 +87,12 @@ def depl_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DePLS
                           {"mask_A": float(mask_a.sum()), "mask_B": float(mask_b.sum())})
 
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DePLState, DePLConfig]:
+    net_b = networks["B"]
+    qhat = initial_qhat(context.num_classes, context.patch_size, device=context.device)
+    return DePLState(net_b, context.new_optimizer(net_b), qhat, qhat.clone()), DePLConfig(max_epoch=context.max_epoch)
+
+
+RECIPE = pair_recipe(_start, depl_step, LOSS_TERMS)

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
-                                    weighted_pair_losses)
+                                    pair_recipe, weighted_pair_losses)
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`dhc_step`.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -185,3 +186,14 @@ def dhc_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DHCSta
         return weighted_pair_losses(out_a, out_b, y_labeled, weight_a, weight_b)._replace(extras=extras)
 
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DHCState, DHCConfig]:
+    config = DHCConfig(max_epoch=context.max_epoch)
+    net_b = networks["B"]
+    state = DHCState.create(net_b, context.new_optimizer(net_b), context.labeled_class_counts, config,
+                            device=context.device)
+    return state, config
+
+
+RECIPE = pair_recipe(_start, dhc_step, init_b=nn.init.kaiming_normal_)  # DHC initialises both kaiming-normal

@@ -2,7 +2,7 @@
 
 Two :class:`DecoupledVNet` (DHC's ``VNet_Decoupled``: one encoder, three decoders — ``main``, ``pseudo``
 and ``worst`` — each with its own head and its own ``Dropout3d``) are co-trained as in CPS, A kaiming-
-and B xavier-initialised (:func:`~skcdf.methods.cps.init_cps_pair`). With x = [x_l; x_u] and each
+and B xavier-initialised (:func:`~skcdf.methods.cps_pair.vnet_pair`). With x = [x_l; x_u] and each
 network's outputs (m, p, w) = (main, pseudo, worst):
 
     sup   = DiceCE(m_A(x_l), y) + DiceCE(m_B(x_l), y)
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import (ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, masked_cross_entropy,
+from skcdf.methods.common import (ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, init_like_dhc, masked_cross_entropy,
                                   weight_during_epoch)
+from skcdf.methods.plugin import Context, Recipe
 from skcdf.nn.vnet import Decoder, Encoder
 
 #: Loss terms returned by :func:`dst_step`, in DHC's names where it has them.
@@ -220,3 +221,20 @@ def dst_step(net_a: DecoupledVNet, optimizer_a: torch.optim.Optimizer, state: DS
 
 __all__ = ["DecoupledVNet", "DSTConfig", "DSTState", "dst_step", "dst_to_skcdf_key", "from_dhc_dst_state_dict",
            "gradient_reverse", "grl_coefficient", "worst_case_loss"]
+
+
+def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -> dict[str, nn.Module]:
+    def network() -> DecoupledVNet:
+        return DecoupledVNet(in_channels, num_classes, filters, dropout=dropout)
+
+    return {"A": init_like_dhc(network()), "B": init_like_dhc(network(), nn.init.xavier_normal_)}  # as CPS
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DSTState, DSTConfig]:
+    net_b = networks["B"]
+    return DSTState(net_b, context.new_optimizer(net_b)), DSTConfig(max_epoch=context.max_epoch)
+
+
+# test time: the main decoders of A and B averaged (DHC's test.py --cps AB)
+RECIPE = Recipe(_networks, inference=("A", "B"), start=_start, step=dst_step,
+                terms=LOSS_TERMS, supervised="sup", unsupervised="cps", weight="cps_w")

@@ -1,6 +1,6 @@
 """SimiS (Chen et al., 2022) as DHC's ``code/train_simis.py`` trains it.
 
-A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps.init_cps_pair`) in
+A CPS pair of plain VNets (A kaiming-, B xavier-initialised: :func:`~skcdf.methods.cps_pair.vnet_pair`) in
 which both losses of each network are class-weighted by the gap between each class's predicted frequency
 and the most frequent class's:
 
@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
-                                    weighted_pair_losses)
+                                    pair_recipe, weighted_pair_losses)
 from skcdf.methods.crest import class_counts
+from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`simis_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -93,3 +94,14 @@ def simis_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: Simi
         return weighted_pair_losses(out_a, out_b, y_labeled, weight_a, weight_b)
 
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[SimiSState, SimiSConfig]:
+    config = SimiSConfig(max_epoch=context.max_epoch)
+    counts = context.labeled_class_counts.cpu().numpy()
+    weights = [SimiSWeights(counts, config.momentum, device=context.device) for _ in range(2)]
+    net_b = networks["B"]
+    return SimiSState(net_b, context.new_optimizer(net_b), *weights), config
+
+
+RECIPE = pair_recipe(_start, simis_step)

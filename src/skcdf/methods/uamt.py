@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import sigmoid_rampup, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.common import DHCVNet, sigmoid_rampup, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.plugin import Context, Recipe
 
 #: Loss terms returned by :func:`uamt_step`, the first four in DHC's names.
 LOSS_TERMS = ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss", "consistency_weight",
@@ -132,3 +133,18 @@ def uamt_step(student: nn.Module, optimizer: torch.optim.Optimizer, state: UAMTS
     update_teacher(student, teacher, config.ema_alpha_at(epoch))
     values = (loss_ce, loss_dice, supervised, consistency, weight, mask.sum(), loss)
     return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+
+def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -> dict[str, nn.Module]:
+    # DHC builds the teacher as a second, separately initialised VNet (PyTorch's default init for both)
+    return {name: DHCVNet(in_channels, num_classes, filters, dropout=dropout) for name in ("student", "teacher")}
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[UAMTState, UAMTConfig]:
+    return UAMTState(networks["teacher"]), UAMTConfig(max_epoch=context.max_epoch)
+
+
+# test time: the student (DHC's test.py loads the trained model)
+RECIPE = Recipe(_networks, inference=("student",), start=_start, step=uamt_step,
+                terms=LOSS_TERMS, supervised="supervised_loss", unsupervised="consistency_loss",
+                weight="consistency_weight", trained="student")

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import ReplayableDropout3d, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.common import ReplayableDropout3d, init_like_dhc, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.plugin import Context, Recipe
 
 #: Loss terms returned by :func:`urpc_step`, in DHC's names.
 LOSS_TERMS = tuple(f"loss_ce_aux{k}" for k in range(1, 5)) + tuple(f"loss_dice_aux{k}" for k in range(1, 5)) + \
@@ -177,3 +178,19 @@ def urpc_step(net: nn.Module, optimizer: torch.optim.Optimizer, state: URPCState
     optimizer.step()
     values = (*ce, *dice, *consistency_terms, supervised, consistency, weight, loss)
     return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+
+def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -> dict[str, nn.Module]:
+    # the U-Net's width follows `filters`: DHC's feature_scale 4 (16 base channels) at the VNet's 32
+    if 128 % filters:
+        raise ValueError(f"URPC's U-Net needs filters dividing 128 (its base width is filters / 2), got {filters}")
+    return {"net": init_like_dhc(UNet3DDeepSupervision(in_channels, num_classes, feature_scale=128 // filters))}
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[URPCState, URPCConfig]:
+    return URPCState(), URPCConfig(max_epoch=context.max_epoch)
+
+
+RECIPE = Recipe(_networks, inference=("net",), start=_start, step=urpc_step,
+                terms=LOSS_TERMS, supervised="supervised_loss", unsupervised="consistency_loss", weight="cps_w",
+                trained="net")

@@ -72,6 +72,11 @@ class SKCDFNet(nn.Module):
         decoder = self._modules.get("unlabeled_decoder")
         return self.labeled_decoder if decoder is None else decoder
 
+    @property
+    def single_path(self) -> bool:
+        """Whether both inference paths are one computation (no SKCM, one shared decoder)."""
+        return self.skcm is None and self.unlabeled_decoder is self.labeled_decoder
+
     def _initialise(self) -> None:
         # ref: Conv3d xavier-normal, BN 1/0, SKCM Linear xavier-uniform; the rest keeps PyTorch's default.
         for module in self.modules():

@@ -55,10 +55,11 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
     batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64, centre crops of the
     patch size. D_l is run as at inference with the labeled decoder (cross mode, each crop paired with
     itself); D_u by the unlabeled flow. Heads the model lacks (no aux heads) are left out. A model
-    with one shared decoder and no SKCM (the baseline and the supervised references) has one path: it runs once.
+    with one path (``single_path``: one shared decoder and no SKCM, as the baseline and the supervised
+    references, or a Table 1 method's MethodNet) runs once.
     Returns {head: float64 (K-1,) on the CPU}, foreground classes only.
     """
-    one_path = model.skcm is None and model.unlabeled_decoder is model.labeled_decoder
+    one_path = model.single_path
     was_training = model.training
     model.eval()
     totals: dict[str, Tensor] = {}

@@ -13,7 +13,7 @@ import io
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -119,11 +119,11 @@ def close_log(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-def metric_columns(class_abbrevs: list[str]) -> list[str]:
-    """metrics.csv columns: schedule, losses, validation Dice (inference head per class, every head),
-    pseudo-label quality."""
-    return (["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
-            + [f"loss_{term}" for term in TERMS]
+def metric_columns(class_abbrevs: list[str], terms: Sequence[str] = TERMS) -> list[str]:
+    """metrics.csv columns: schedule, losses (``terms``: the step's), validation Dice (inference head per
+    class, every head), pseudo-label quality. A term named ``sup`` shares ``loss_sup`` (the same number)."""
+    schedule = ["epoch", "iteration", "lr", "lambda", "loss", "loss_sup", "loss_unsup"]
+    return (schedule + [f"loss_{term}" for term in terms if f"loss_{term}" not in schedule]
             + ["val_dice_mean"] + [f"val_dice_{abbrev}" for abbrev in class_abbrevs]
             + [f"val_dice_{head}" for head in HEADS] + [f"val_dice_small_{head}" for head in HEADS]
             + ["pseudo_dice_main", "pseudo_dice_aux", "pseudo_fg_main", "pseudo_fg_aux", "true_fg"])

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from skcdf import device as devices
 from skcdf.checkpoint import FORMAT, CheckpointWriter, load_checkpoint
 from skcdf.data.layout import read_dataset_info
+from skcdf.methods.plugin import Context, MethodNet, MethodTraining
 from skcdf.nn import SKCDFNet
 from skcdf.train import run_folder
 from skcdf.train.balance import class_keep_probabilities, smallest_classes, unlabeled_keep_probabilities
@@ -67,9 +68,10 @@ class Run:
     class_abbrevs: list[str]                    # foreground classes, for the metric columns
     small_classes: list[int]                    # the 6 smallest classes (by n_c), for val_dice_small_<head>
     preprocessing: dict[str, Any]               # stored in checkpoints for `skcdf predict`
-    model: nn.Module
+    model: nn.Module                            # SKCDFNet, or a Table 1 method's MethodNet
     step_module: nn.Module                      # what the step calls: model, TwoFlowForward, DDP or compiled
     optimizer: torch.optim.Optimizer
+    plugin: MethodTraining | None               # a Table 1 method's own step and state (skcdf.methods.plugin)
     scaler: torch.amp.GradScaler
     transfer: KnowledgeTransfer
     data: TrainingData
@@ -94,11 +96,15 @@ class Run:
 
 def _build_model(config: Config, num_classes: int, procs: Processes, device: torch.device,
                  channels_last: bool) -> nn.Module:
-    model = SKCDFNet(in_channels=1, num_classes=num_classes, filters=config.filters,
-                     patch_size=config.patch_size, num_heads=config.num_heads, skcm=config.skcm,
-                     shared_decoder=config.shared_decoder, aux_heads=config.aux_heads, dropout=config.dropout)
-    for decoder in {model.labeled_decoder, model.unlabeled_decoder}:
-        decoder.detach_aux = config.balance_mode == "decoupled"  # the balanced loss trains the head alone
+    method = config.method
+    if method.plugin:
+        model: nn.Module = MethodNet(method.name, 1, num_classes, config.filters, config.dropout)
+    else:
+        model = SKCDFNet(in_channels=1, num_classes=num_classes, filters=config.filters,
+                         patch_size=config.patch_size, num_heads=config.num_heads, skcm=config.skcm,
+                         shared_decoder=config.shared_decoder, aux_heads=config.aux_heads, dropout=config.dropout)
+        for decoder in {model.labeled_decoder, model.unlabeled_decoder}:
+            decoder.detach_aux = config.balance_mode == "decoupled"  # the balanced loss trains the head alone
     if procs.world > 1 and config.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -108,7 +114,10 @@ def _build_model(config: Config, num_classes: int, procs: Processes, device: tor
 
 
 def _wrap_step_module(model: nn.Module, config: Config, procs: Processes, device: torch.device) -> nn.Module:
-    """The module the step calls: both flows in one call (semi), under DDP and torch.compile if configured."""
+    """The module the step calls: both flows in one call (semi), under DDP and torch.compile if configured.
+    A Table 1 method's step calls its networks itself (MethodTraining averages their gradients)."""
+    if config.method.plugin:
+        return model
     semi = config.method.semi
     step_module: nn.Module = TwoFlowForward(model) if semi else model
     if procs.world > 1:
@@ -140,10 +149,22 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     np.random.seed(config.seed + procs.rank)
     torch.manual_seed(config.seed + procs.rank)
     model = _build_model(config, num_classes, procs, device, hardware["channels_last"])
-    # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay, fused=True)
+
+    def new_optimizer(network: nn.Module) -> torch.optim.Optimizer:
+        # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers
+        return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay, fused=True)
+
+    plugin = config.method.plugin
+    optimizer = new_optimizer(model.networks[model.recipe.trained] if plugin else model)
     data = open_streams(config, root, info, cases, procs, pin_memory=device.type == "cuda")
+    if plugin:
+        context = Context(num_classes, tuple(config.patch_size), torch.as_tensor(counts), len(cases.unlabeled),
+                          config.batch_unlabeled, data.iterations_per_epoch, config.rampup_epochs or config.epochs,
+                          new_optimizer, device)
+        plugin = MethodTraining(model, optimizer, context)
+    if plugin and devices.amp_dtype(device) == torch.float16:
+        hardware["amp"] = False  # the Table 1 steps have no loss scaler: float16 would underflow
     if procs.main:
         atomic_write_text(out / "config.yaml", to_yaml(config))  # also creates the run folder for train.log
     class_abbrevs = list(info["class_abbrevs"])[1:]
@@ -154,11 +175,12 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
                        "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"]),
                        "lateral_pairs": info["lateral_pairs"]},
         model=model, step_module=_wrap_step_module(model, config, procs, device), optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and devices.amp_dtype(device) == torch.float16),
+        plugin=plugin or None, scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and devices.amp_dtype(device) == torch.float16),
         transfer=KnowledgeTransfer(model, parse_ema_order(config.ema_order), config.ema_decay),
         data=data, keep_labeled=class_keep_probabilities(counts).to(device),
         pseudo_monitor=PseudoLabelMonitor(num_classes, device),
-        log=run_folder.open_log(out / "train.log", procs.main), columns=run_folder.metric_columns(class_abbrevs))
+        log=run_folder.open_log(out / "train.log", procs.main),
+        columns=run_folder.metric_columns(class_abbrevs, plugin.recipe.terms if plugin else TERMS))
     if can_resume:
         _restore(run, load_checkpoint(out / "last.pt"))
     if procs.main:
@@ -171,6 +193,8 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
+    if run.plugin is not None:
+        run.plugin.load_state_dict(state["method_state"])
     run.start_epoch, run.iteration = state["epoch"], state["iteration"]
     run.best_dice, run.best_epoch = state["best_dice"], state["best_epoch"]
     run.resumed_from_world = len(state["rng"])  # one random state per process of the interrupted run
@@ -206,6 +230,8 @@ def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
 
 def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
     """Run one epoch of training steps; returns its metrics row (schedule, mean loss terms, pseudo-labels)."""
+    if run.plugin is not None:
+        return _train_plugin_epoch(run, epoch, progress)
     config, data, epochs = run.config, run.data, run.config.epochs
     lr = poly_lr(config.lr, epoch, epochs, config.lr_power)
     for group in run.optimizer.param_groups:
@@ -265,6 +291,31 @@ def _train_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
             **run.pseudo_monitor.summary(data.unlabeled_has_labels)}
 
 
+def _train_plugin_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
+    """One epoch of a Table 1 method: its step runs the forwards, the backward and every optimiser's step."""
+    config, data = run.config, run.data
+    lr = poly_lr(config.lr, epoch, config.epochs, config.lr_power)
+    run.plugin.set_lr(lr)
+    sums: dict[str, float] = {}
+    labeled_batches, unlabeled_batches = data.batches()  # fresh iterators every epoch
+    for _ in range(data.iterations_per_epoch):
+        labeled, unlabeled = next(labeled_batches), next(unlabeled_batches)
+        with run.autocast():
+            terms = run.plugin.step(_to_device(run, labeled["image"]), _to_device(run, labeled["label"]),
+                                    _to_device(run, unlabeled["image"]), epoch)
+        run.iteration += 1
+        for name, value in terms.items():  # the step synced them to floats already
+            if not math.isfinite(value):
+                _diverged(run, name, run.iteration)
+            sums[name] = sums.get(name, 0.0) + value
+        progress.update()
+        if run.iteration % config.log_every == 0:
+            progress.set_postfix(epoch=epoch, loss=f"{terms[run.plugin.recipe.total]:.4f}")
+    means = {name: total / data.iterations_per_epoch for name, total in sums.items()}
+    return {"epoch": epoch, "iteration": run.iteration, "lr": lr, **run.plugin.summary(means),
+            **{f"loss_{name}": value for name, value in means.items()}}
+
+
 def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
     """Raise TrainingDiverged naming the first iteration and loss term that were not finite.
 
@@ -281,7 +332,11 @@ def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
     if max(bad) < 0:
         return
     iteration = min(i for i in bad if i >= 0)
-    term = TERMS[bad.index(iteration)]
+    _diverged(run, TERMS[bad.index(iteration)], iteration)
+
+
+def _diverged(run: Run, term: str, iteration: int) -> None:
+    """Raise TrainingDiverged once the last good checkpoint is on disk."""
     run.checkpoints.wait()  # the last good checkpoint may still be being written
     kept = run.out / "last.pt"
     raise TrainingDiverged(f"loss term {term} is NaN or infinite at iteration {iteration}; training stopped. "
@@ -333,6 +388,8 @@ def _save(run: Run, improved: bool, rng_states: list[Any]) -> None:
                "preprocessing": run.preprocessing, "config": run.config.to_dict(),
                "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch + 1,
                "iteration": run.iteration, "best_dice": run.best_dice, "best_epoch": run.best_epoch, "rng": rng_states}
+    if run.plugin is not None:
+        payload["method_state"] = run.plugin.state_dict()
     paths = [run.out / "best.pt"] if improved else []
     if (epoch + 1) % run.config.save_every == 0 or epoch + 1 == run.config.epochs:
         paths.append(run.out / "last.pt")
