@@ -18,11 +18,13 @@ two features and at least two memory rows, the mean cosine distance between the 
 memory rows, each feature weighted by its selector (sigmoid, rescaled to mean 1); the sum over classes is
 divided by K.
 
-This is not the paper's SS-Net. The paper adds, to a supervised Dice + CE, a VAT-style smoothness term
-(L_vat) and a class-separation term that pulls unlabeled features towards class prototypes computed from
-the labeled batch. DHC's script keeps the VAT term and replaces the prototypes by the feature memory and
-the selector-weighted contrastive loss above (the memory bank of Alonso et al., ICCV 2021). Further
-behaviour of the code (tests/fixtures/dhc/README.md lists it all):
+The paper describes a VAT-style smoothness term and a class-separation term that pulls features towards
+high-quality class prototypes. SS-Net's own 3D code (ycwu1997/SS-Net, ``train_ss_3d.py``), which DHC's
+script ports nearly line for line, realises the prototypes as the feature memory and selector-weighted
+contrastive loss above (taken from Alonso et al.'s SemiSeg-Contrastive). DHC changes the Dice terms to its
+multi-class ``SoftDiceLoss`` (−Dice averaged over all K classes, background included), the network width,
+the schedule and the optimiser. Behaviour of the code, most of it inherited from SS-Net's
+(tests/fixtures/dhc/README.md lists it all):
 
 * The supervised cross entropy is computed but never added to the loss; the step reports it as
   ``ce_unused``.
@@ -182,7 +184,7 @@ class SSNetState:
 
     @classmethod
     def create(cls, num_classes: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-               feature_dim: int = 0) -> "SSNetState":
+               feature_dim: int = 0) -> SSNetState:
         """An empty memory for training from scratch (``feature_dim``: the rows' width, 2 · filters; only
         the empty tensors' shape depends on it)."""
         return cls([torch.zeros((0, feature_dim), dtype=dtype, device=device) for _ in range(num_classes)])
@@ -252,7 +254,8 @@ def vat_loss(net: nn.Module, x: Tensor, config: SSNetConfig, uniform: Tensor | N
 
 
 @torch.no_grad()
-def refill_memory(net: SSNetVNet, state: SSNetState, embedding: Tensor, labels: Tensor, elements_per_class: int) -> None:
+def refill_memory(net: SSNetVNet, state: SSNetState, embedding: Tensor, labels: Tensor,
+                  elements_per_class: int) -> None:
     """DHC's ``FeatureMemory.add_features_from_sample_learned``, with the projection before it.
 
     embedding (n, filters): features of correctly predicted foreground voxels; labels (n,) their classes.
