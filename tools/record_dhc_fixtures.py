@@ -23,10 +23,12 @@ fixtures' README):
   every forward (every ``Dropout3d`` module of each network is replaced by an equivalent module that logs
   its masks), UA-MT's Gaussian input noise (``torch.randn_like`` seen by the loop; drawn in float32 and
   rounded to float16, so that storing it in float16 is exact) and the uniforms of Basak's and CLD's
-  sampling maps (``torch.rand`` of the script's module; on the grid k/2048, exact in float16).
+  sampling maps and of SS-Net's random VAT direction (``torch.rand`` of the script's module; on the grid
+  k/2048, exact in float16).
 * Method states that only change every few iterations (Adsh's score bank, Basak's and CLD's confidence
-  statistics) start part-way through their period, and a few heads are biased so that confidence
-  thresholds are passed: see the README's table.
+  statistics) start part-way through their period, SS-Net's feature memory starts filled as part-way
+  through training, and a few heads are biased so that confidence thresholds are passed (SS-Net: so that
+  one class has few correctly predicted voxels): see the README's table.
 * The data loaders are replaced by the two stored batches (crop and flips happen in the loader, before
   the loop; the batches are what the loop receives).
 * The learning rate and ``cps_w`` are those the script has set when epoch ``EPOCH`` starts:
@@ -62,6 +64,10 @@ TEACHER_HEAD_SCALE, TEACHER_HEAD_BIAS = 2.0, 5.0  # UA-MT only, see _prepare_uam
 PSEUDO_HEAD_BIAS = 6.0  # DST only, see _prepare_dst()
 DEPL_HEAD_BIAS = {"A": 4.5, "B": 5.5}  # DePL only, see _prepare_depl()
 QHAT_STRIDE = 61  # DePL: the stored sample of the (1, K, *PATCH) marginals takes every 61st voxel
+SSNET_HEAD_BIAS = (7, -0.1)  # SS-Net only: (class, bias added to its head), see _prepare_ssnet()
+#: SS-Net only: rows of each class's feature memory before iteration 1 (classes not listed start empty, as
+#: background always does), see _wire_ssnet()
+SSNET_MEMORY_ROWS = {**{c: 32 for c in range(1, 11)}, 12: 5, 13: 1}
 #: Synapse, 20 % labeled: 16 unlabeled volumes in batches of 2. The DST scripts count iterations (GRL warm start)
 ITERATIONS_PER_EPOCH = 8
 URPC_FEATURE_SCALE = 64  # URPC's unet_3D_ds: widths 64·2^i / feature_scale, 1 … 16 here (DHC: 4, 16 … 256)
@@ -759,6 +765,61 @@ def _iteration_urpc(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> 
     return {key: float(ns[key]) for key in keys}
 
 
+# ---- SS-Net (train_ssnet.py: VAT smoothness and a class-wise contrastive feature memory)
+
+def _build_ssnet(ctx: Context) -> None:
+    model, optimizer = ctx.module.make_model_all()  # VNet4SSNet, PyTorch's default init (the script calls none)
+    ctx.networks.update(model=model)
+    ctx.optimizers.update(model=optimizer)
+
+
+def _prepare_ssnet(ctx: Context) -> None:
+    # The fresh network predicts three foreground classes correctly at more than 32 labeled voxels each,
+    # so the memory update would only take its ranking branch. Lower one class's bias so that it has
+    # fewer than 32 correct voxels and its memory rows are all taken, unranked.
+    cls, bias = SSNET_HEAD_BIAS
+    with torch.no_grad():
+        ctx.networks["model"].out_conv.bias[cls] += bias
+
+
+def _ssnet_memory_start(generator: torch.Generator) -> list[torch.Tensor | None]:
+    """A feature memory as a run holds it part-way through training: SSNET_MEMORY_ROWS rows per class of
+    projected features (N(0, 1), float32-exact, float64), None for a class that was never stored."""
+    feat_dim = 2 * N_FILTERS  # VNet4SSNet's projection width
+    return [torch.randn((SSNET_MEMORY_ROWS[c], feat_dim), generator=generator, dtype=torch.float64)
+            .to(torch.float32).to(torch.float64) if c in SSNET_MEMORY_ROWS else None for c in range(NUM_CLASSES)]
+
+
+def _wire_ssnet(ctx: Context) -> None:
+    module = ctx.module
+    # VAT3d draws its random direction with torch.rand through the script's module global
+    module.torch = TorchWithLoggedNoise(ctx.draw_generator, [], ctx.rand_log)
+    memory = module.FeatureMemory(elements_per_class=32, n_classes=NUM_CLASSES)
+    # The script starts with an empty memory and refills a class whenever the labeled batch has correctly
+    # predicted voxels of it; a run at epoch EPOCH holds earlier features of most classes. Start from such
+    # a memory (the script keeps it as numpy arrays), so that stored features of classes the iterations do
+    # not refill take part in the contrastive terms.
+    start = _ssnet_memory_start(torch.Generator().manual_seed(SEED + 6))
+    memory.memory = [None if m is None else m.numpy().copy() for m in start]
+    adv_loss = module.VAT3d(epi=10.0)
+    ctx.namespace.update(model=ctx.networks["model"], optimizer=ctx.optimizers["model"], prototype_memory=memory,
+                         dice_loss=module.SoftDiceLoss(smooth=1e-8, do_bg=True), adv_loss=adv_loss)
+    ctx.hparams.update(elements_per_class=memory.elements_per_class, vat_xi=adv_loss.xi, vat_epsilon=adv_loss.epi,
+                       vat_iterations=adv_loss.ip, contrastive_weight=0.1, dice_smooth=1e-8,
+                       head_bias_class=SSNET_HEAD_BIAS[0], head_bias=SSNET_HEAD_BIAS[1])
+    ctx.extra["memory_start"] = start
+
+
+def _iteration_ssnet(ctx: Context, ns: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
+    assert len(ctx.rand_log) == 1
+    entry["vat_uniform"] = ctx.rand_log.pop()
+    entry["memory"] = [None if m is None else torch.as_tensor(m).clone() for m in ns["prototype_memory"].memory]
+    entry["correct_voxels"] = torch.bincount(ns["labels_correct"].reshape(-1), minlength=NUM_CLASSES)
+    entry["pseudo_label_count"] = torch.bincount(ns["pseudo_label"].reshape(-1), minlength=NUM_CLASSES)
+    return {key: float(ns[key]) for key in ("loss_seg", "loss_seg_dice", "loss_lds", "loss_contr_labeled",
+                                            "loss_contr_unlabeled")}
+
+
 METHOD_TABLE: dict[str, Method] = {
     "cps": Method(build=_build_pair("xavier_normal"), wire=_wire_cps, iteration=_iteration_cps),
     "uamt": Method(build=_build_uamt, prepare=_prepare_uamt, wire=_wire_uamt, iteration=_iteration_uamt,
@@ -780,6 +841,8 @@ METHOD_TABLE: dict[str, Method] = {
     "cld": Method(build=_build_pair("xavier_normal"), wire=_wire_cld, iteration=_iteration_cld,
                   per_iteration=("sampling_uniform", "banks", "sample_map_sum")),
     "urpc": Method(build=_build_urpc, wire=_wire_urpc, iteration=_iteration_urpc),
+    "ssnet": Method(build=_build_ssnet, prepare=_prepare_ssnet, wire=_wire_ssnet, iteration=_iteration_ssnet,
+                    per_iteration=("vat_uniform", "memory", "correct_voxels", "pseudo_label_count")),
 }
 
 
