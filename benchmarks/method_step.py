@@ -39,8 +39,7 @@ def time_step(method: str, iterations: int) -> float:
     net = MethodNet(method, 1, NUM_CLASSES, 8, dropout=False)
 
     def new_optimizer(network: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(network.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=3e-5,
-                               fused=True)
+        return torch.optim.SGD(network.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=3e-5)
 
     counts = torch.randint(1, 1000, (NUM_CLASSES,)).double()
     context = Context(NUM_CLASSES, PATCH, counts, 16, BATCH, 8, 300, new_optimizer, torch.device("cpu"))

@@ -85,6 +85,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
         ("uamt", "UA-MT", "uamt", "Yu et al., MICCAI 2019"),
         ("urpc", "URPC", "urpc", "Luo et al., MICCAI 2021"),
         ("cps", "CPS", "cps", "Chen et al., CVPR 2021"),
+        ("ssnet", "SS-Net", "ssnet", "Wu et al., MICCAI 2022"),
         ("dst", "DST", "dst", "Chen et al., NeurIPS 2022"),
         ("depl", "DePL", "depl", "Wang et al., CVPR 2022"),
         ("adsh", "Adsh", "adsh", "Guo & Li, ICML 2022"),

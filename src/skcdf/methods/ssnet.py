@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skcdf.methods.common import ReplayableDropout3d, dhc_to_skcdf_key, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.plugin import Context, Recipe
 from skcdf.nn.vnet import Decoder, Encoder
 
 #: Terms returned by :func:`ssnet_step`. The five DHC terms first (``ce_unused`` is DHC's ``loss_seg``,
@@ -358,6 +359,20 @@ def ssnet_step(net: SSNetVNet, optimizer: torch.optim.Optimizer, state: SSNetSta
     optimizer.step()
     values = (ce_unused, dice, lds, contrastive_l, contrastive_u, dice, consistency, weight, loss, correct.sum())
     return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in zip(LOSS_TERMS, values)}
+
+
+def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -> dict[str, nn.Module]:
+    return {"net": SSNetVNet(in_channels, num_classes, filters, dropout=dropout)}  # PyTorch's default init, as DHC
+
+
+def _start(networks: dict[str, nn.Module], context: Context) -> tuple[SSNetState, SSNetConfig]:
+    state = SSNetState.create(context.num_classes, device=context.device, feature_dim=networks["net"].feature_dim)
+    return state, SSNetConfig(max_epoch=context.max_epoch)
+
+
+RECIPE = Recipe(_networks, inference=("net",), start=_start, step=ssnet_step, terms=LOSS_TERMS,
+                supervised="supervised_loss", unsupervised="consistency_loss", weight="consistency_weight",
+                trained="net")
 
 
 __all__ = ["LOSS_TERMS", "SSNetConfig", "SSNetState", "SSNetVNet", "batch_norm_statistics_frozen",

@@ -150,12 +150,15 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     torch.manual_seed(config.seed + procs.rank)
     model = _build_model(config, num_classes, procs, device, hardware["channels_last"])
 
-    def new_optimizer(network: nn.Module) -> torch.optim.Optimizer:
-        # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers
-        return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay, fused=True)
-
     plugin = config.method.plugin
+
+    def new_optimizer(network: nn.Module) -> torch.optim.Optimizer:
+        # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers. Not for
+        # the Table 1 steps: some leave parameters without a gradient in an iteration (SS-Net's selectors of
+        # a class absent from the batch), which the fused kernel refuses
+        return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay, fused=not plugin)
+
     optimizer = new_optimizer(model.networks[model.recipe.trained] if plugin else model)
     data = open_streams(config, root, info, cases, procs, pin_memory=device.type == "cuda")
     if plugin:

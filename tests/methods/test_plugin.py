@@ -1,0 +1,128 @@
+"""The Table 1 methods as plug-ins: each trains through skcdf's trainer, checkpoints everything its resume
+needs (bit-exact), rebuilds from the checkpoint and predicts by its own test-time rule; one exports to ONNX."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from skcdf import Segmenter, methods
+from skcdf.checkpoint import load_checkpoint, load_model
+from skcdf.methods.plugin import MethodNet, MethodTraining, recipe
+from skcdf.train.trainer import train
+from tests.conftest import tiny_config
+
+PLUGINS = methods.plugin_names()
+
+
+def _assert_same(expected: Any, actual: Any, where: str = "") -> None:
+    """Tensors bit for bit, containers recursively, anything else by ==."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, actual), where
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), where
+        for key in expected:
+            _assert_same(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), where
+        for i, (a, b) in enumerate(zip(expected, actual)):
+            _assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert expected == actual, where
+
+
+def test_the_registry_names_every_table1_method_once():
+    assert len(PLUGINS) == len(set(PLUGINS)) >= 11
+    for name in PLUGINS:
+        assert recipe(name).inference and recipe(name).total in recipe(name).terms
+    with pytest.raises(KeyError, match="not a Table 1 method"):
+        recipe(methods.MAIN)
+
+
+@pytest.mark.parametrize("method", PLUGINS)
+def test_every_table1_method_trains_checkpoints_and_predicts(method, tiny_phantom, tmp_path):
+    run = tmp_path / method
+    config = tiny_config(variant=method, epochs=1)
+    model = train(config, tiny_phantom, run)
+    torch.manual_seed(config.seed)  # the trainer seeds, then builds the model
+    untrained = MethodNet(**model.init_args)
+    initial = untrained.state_dict()
+    for network, module in model.networks.items():  # every network moved: stepped, or followed by EMA
+        assert any(not torch.equal(p, initial[f"networks.{network}.{name}"]) for name, p in module.named_parameters())
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():  # and what predicts changed everywhere (some heads see no loss in two iterations:
+        change = (model.eval()(x)[0] - untrained.eval()(x)[0]).abs()  # DST's pseudo decoder, SS-Net's selectors)
+    assert (change > 0).float().mean() > 0.99
+
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header, row = rows[0].split(","), dict(zip(rows[0].split(","), rows[1].split(",")))
+    assert len(header) == len(set(header))
+    assert float(row["loss"]) == float(row[f"loss_{model.recipe.total}"])
+    assert float(row["lambda"]) > 0 and 0 <= float(row["val_dice_mean"]) <= 100
+
+    payload = load_checkpoint(run / "last.pt")
+    assert payload["model_args"]["method"] == method and "method_state" in payload
+    rebuilt, preprocessing = load_model(run)
+    assert isinstance(rebuilt, MethodNet) and not rebuilt.training
+    with torch.no_grad():
+        _assert_same(model(x)[0], rebuilt(x)[0], "logits")
+
+    volume = np.random.default_rng(0).normal(0, 100, (40, 48, 56)).astype(np.float32)  # HU, another grid
+    labels = Segmenter.load(run, device="cpu").predict(volume)
+    assert labels.shape == volume.shape and labels.min() >= 0 and labels.max() < rebuilt.num_classes
+
+
+@pytest.mark.parametrize("method", PLUGINS)
+def test_table1_methods_resume_bit_exactly(method, tiny_phantom, tmp_path, monkeypatch):
+    """Interrupted in the second epoch and resumed from last.pt: the same networks, optimisers and method
+    state (second network, teacher, class-weight statistics, banks) as an uninterrupted run, bit for bit."""
+    config = tiny_config(variant=method)  # 2 epochs of 2 iterations, last.pt after each
+    train(config, tiny_phantom, tmp_path / "whole")
+    real_step, calls = MethodTraining.step, {"n": 0}
+
+    def interrupt_in_second_epoch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MethodTraining, "step", interrupt_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_phantom, tmp_path / "cut")
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(MethodTraining, "step", real_step)
+    train(config, tiny_phantom, tmp_path / "cut", resume=True)
+
+    expected, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("whole", "cut"))
+    for key in ("model", "optimizer", "method_state", "iteration"):
+        _assert_same(expected[key], resumed[key], key)
+
+
+def test_pair_methods_predict_with_the_mean_of_both_networks_and_teachers_do_not_predict():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 32, 32, 32)
+    pair = MethodNet("dhc", 1, 4, 2, dropout=True).eval()
+    with torch.no_grad():
+        expected = (pair.networks["A"](x) + pair.networks["B"](x)) / 2  # DHC's test.py --cps AB
+        torch.testing.assert_close(pair(x)[0], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pair.forward_labeled_decoder(x)[0], expected, rtol=0, atol=1e-6)
+        mean_teacher = MethodNet("uamt", 1, 4, 2).eval()
+        assert torch.equal(mean_teacher(x)[0], mean_teacher.networks["student"](x))
+
+
+def test_a_table1_method_exports_to_onnx_with_its_test_time_rule(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from skcdf.export import OnnxModel, export_onnx
+
+    torch.manual_seed(0)
+    model = MethodNet("dhc", 1, 4, 2).eval()
+    preprocessing = {"size": [32, 48, 48], "window": [-75.0, 275.0], "patch_size": [32, 32, 32],
+                     "class_names": ["background", "a", "b", "c"], "class_abbrevs": ["BG", "A", "B", "C"]}
+    onnx_model = OnnxModel.load(export_onnx(model, preprocessing, tmp_path / "dhc.onnx"), threads=1)
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        expected = model(x)[0]
+    torch.testing.assert_close(onnx_model.logits_fn("unlabeled")(x), expected, rtol=1e-4, atol=1e-4)
