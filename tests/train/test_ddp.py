@@ -18,7 +18,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str, results: str, batch_labeled: int) -> None:
+def _worker(rank: int, world: int, port: int, data: str, out: str, results: str, batch_labeled: int,
+            variant: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -35,16 +36,17 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, results: str,
 
     ShardedRandomSampler.draw = recording_draw
     # 2 labeled / 3 unlabeled cases; one unlabeled volume per rank and step
-    model = trainer.train(tiny_config(epochs=1, batch_labeled=batch_labeled, batch_unlabeled=1), data, out)
+    config = tiny_config(variant=variant, epochs=1, batch_labeled=batch_labeled, batch_unlabeled=1)
+    model = trainer.train(config, data, out)
     torch.save({name: p.detach() for name, p in model.named_parameters()}, f"{results}/rank{rank}.pt")
     with open(f"{results}/rank{rank}.json", "w") as handle:
         json.dump(passes, handle)
 
 
-def _train_on_two_processes(data, tmp_path, batch_labeled: int):
+def _train_on_two_processes(data, tmp_path, batch_labeled: int, variant: str = "full"):
     """Run the tiny training on 2 gloo processes; returns (run folder, rank 0's weights, each rank's passes)."""
     run = tmp_path / "run"
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(run), str(tmp_path), batch_labeled), nprocs=2)
+    mp.spawn(_worker, args=(2, _free_port(), str(data), str(run), str(tmp_path), batch_labeled, variant), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), name
@@ -76,3 +78,10 @@ def test_too_few_labeled_cases_to_shard_every_rank_draws_from_all(tiny_phantom, 
     orders = [state["generators"]["labeled_order"] for state in saved["rng"]]
     assert not torch.equal(orders[0], orders[1])  # each rank its own stream, checkpointed for the resume
     assert "2 labeled cases are too few to shard across 2 processes" in (run / "train.log").read_text()
+
+
+def test_a_table1_method_keeps_both_networks_identical_across_processes(tiny_phantom, tmp_path):
+    # CPS steps two networks with two optimisers of its own, without DDP: each optimiser averages the
+    # gradients over the processes before it steps (skcdf.methods.plugin)
+    _, saved, _ = _train_on_two_processes(tiny_phantom, tmp_path, batch_labeled=1, variant="cps")
+    assert {key.split(".")[1] for key in saved["model"]} == {"A", "B"} and "method_state" in saved

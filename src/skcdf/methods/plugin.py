@@ -149,8 +149,9 @@ def _average_gradients(optimizer: torch.optim.Optimizer, *_: Any) -> None:
 class MethodTraining:
     """Trains a :class:`MethodNet` with its recipe's step (the trainer's counterpart of the SKCDF step).
 
-    Under torchrun every optimiser averages the gradients across processes before it steps (so the steps
-    need no DistributedDataParallel wrapper); BatchNorm statistics stay per process.
+    Under torchrun the processes start from rank 0's networks and every optimiser averages the gradients
+    across processes before it steps (so the steps need no DistributedDataParallel wrapper); BatchNorm
+    statistics and the method's own statistics stay per process (rank 0's are checkpointed).
     """
 
     def __init__(self, model: MethodNet, optimizer: torch.optim.Optimizer, context: Context) -> None:
@@ -159,6 +160,8 @@ class MethodTraining:
         self.optimizers = [optimizer] + [value for value in vars(self.state).values()
                                          if isinstance(value, torch.optim.Optimizer)]
         if dist.is_initialized() and dist.get_world_size() > 1:
+            for tensor in model.state_dict().values():  # every process starts from rank 0's networks (as DDP)
+                dist.broadcast(tensor, src=0)
             for each in self.optimizers:
                 each.register_step_pre_hook(_average_gradients)
 
