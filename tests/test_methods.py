@@ -34,3 +34,10 @@ def test_no_source_module_but_the_registry_names_a_method():
     offenders = [f"{path.relative_to(SRC)}: {match.group()}" for path in SRC.rglob("*.py") if path != registry
                  for match in pattern.finditer(path.read_text())]
     assert not offenders, offenders
+
+
+def test_table1_expands_to_the_comparison_rows_in_order():
+    rows = methods.expand([methods.TABLE1, methods.MAIN])
+    assert rows == methods.comparison_names() and rows[0] == methods.REFERENCE and rows[-1] == methods.UPPER
+    assert rows[1:-2] == methods.plugin_names() and len(rows) == len(set(rows)) == 3 + len(methods.plugin_names())
+    assert all(methods.METHODS[name].plugin for name in methods.plugin_names())

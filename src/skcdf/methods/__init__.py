@@ -101,6 +101,10 @@ METHODS: dict[str, Method] = {method.name: method for method in (
 MAIN: str = "full"
 #: The method others are compared against (ablation comparison, demo report).
 REFERENCE: str = "labeled_only"
+#: Every training case labeled: the upper bound.
+UPPER: str = "fully_supervised"
+#: What `skcdf ablate --variants table1` expands to (comparison_names).
+TABLE1: str = "table1"
 
 
 def method(name: str) -> Method:
@@ -124,6 +128,17 @@ def demo_methods() -> list[Method]:
 def plugin_names() -> list[str]:
     """The paper's Table 1 methods, in its order."""
     return [name for name, m in METHODS.items() if m.plugin]
+
+
+def comparison_names() -> list[str]:
+    """The rows of the methods table: labeled-only, the Table 1 methods, SKCDF, fully supervised."""
+    return [REFERENCE, *plugin_names(), MAIN, UPPER]
+
+
+def expand(names: list[str]) -> list[str]:
+    """Method names as given, with ``table1`` replaced by :func:`comparison_names` (order kept, no repeats)."""
+    expanded = [n for name in names for n in (comparison_names() if name == TABLE1 else [name])]
+    return list(dict.fromkeys(expanded))
 
 
 def title(name: str) -> str:
