@@ -136,14 +136,11 @@ def _voxels_per_class(sampling_map: Tensor) -> list[float]:
     return sampling_map.sum(dim=(0, *range(2, sampling_map.ndim))).tolist()
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[AdshState, AdshConfig]:
-    config = AdshConfig(max_epoch=context.max_epoch)
+def _banks(config: AdshConfig, context: Context) -> tuple[AdshBank, AdshBank]:
     # DHC: tot_iter = (unlabeled cases) // 4 samples; at least one batch, so that the bank fills
     size = max(context.unlabeled_cases // 4, context.batch_unlabeled)
-    banks = [AdshBank(context.num_classes, context.patch_size, size, config.thresh_major, device=context.device)
-             for _ in range(2)]
-    net_b = networks["B"]
-    return AdshState(net_b, context.new_optimizer(net_b), *banks), config
+    return tuple(AdshBank(context.num_classes, context.patch_size, size, config.thresh_major, device=context.device)
+                 for _ in range(2))
 
 
-RECIPE = pair_recipe(_start, adsh_step)
+RECIPE = pair_recipe(AdshState, AdshConfig, adsh_step, _banks)

@@ -142,14 +142,12 @@ def cld_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CLDSta
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[CLDState, CLDConfig]:
-    config = CLDConfig(max_epoch=context.max_epoch)
+def _statistics(config: CLDConfig, context: Context) -> tuple[Tensor, ConfidenceBank, ConfidenceBank]:
     weight = torch.as_tensor(cld_class_weights(context.labeled_class_counts.cpu().numpy()), device=context.device)
     # DHC starts each bank from torch.rand(K); its first update replaces them
-    banks = [ConfidenceBank(torch.rand(context.num_classes, device=context.device), config.update_iter,
-                            config.momentum) for _ in range(2)]
-    net_b = networks["B"]
-    return CLDState(net_b, context.new_optimizer(net_b), weight, *banks), config
+    banks = tuple(ConfidenceBank(torch.rand(context.num_classes, device=context.device), config.update_iter,
+                                 config.momentum) for _ in range(2))
+    return (weight, *banks)
 
 
-RECIPE = pair_recipe(_start, cld_step, LOSS_TERMS)
+RECIPE = pair_recipe(CLDState, CLDConfig, cld_step, _statistics, LOSS_TERMS)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairState, cps_pair_step, pair_recipe,
                                     weighted_pair_losses)
-from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`cps_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -53,9 +52,4 @@ def cps_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CPSSta
                          lambda out_a, out_b: weighted_pair_losses(out_a, out_b, y_labeled))
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[CPSState, CPSConfig]:
-    net_b = networks["B"]
-    return CPSState(net_b, context.new_optimizer(net_b)), CPSConfig(max_epoch=context.max_epoch)
-
-
-RECIPE = pair_recipe(_start, cps_step)
+RECIPE = pair_recipe(CPSState, CPSConfig, cps_step)

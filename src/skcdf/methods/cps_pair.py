@@ -140,11 +140,23 @@ def vnet_pair(in_channels: int, num_classes: int, filters: int, dropout: bool,
             "B": init_like_dhc(DHCVNet(in_channels, num_classes, filters, dropout=dropout), init_b)}
 
 
-def pair_recipe(start: Callable[[dict[str, nn.Module], Context], tuple[MethodState, Any]], step: Step,
-                terms: tuple[str, ...] = PAIR_LOSS_TERMS,
+#: ``(method configuration, context) -> the state's fields after B and its optimiser`` (class-weight
+#: statistics, banks, ...), fresh for training from scratch.
+Statistics = Callable[[Any, Context], tuple[Any, ...]]
+
+
+def pair_recipe(state_type: type[PairState], config_type: type[PairConfig], step: Step,
+                statistics: Statistics = lambda config, context: (), terms: tuple[str, ...] = PAIR_LOSS_TERMS,
                 init_b: Callable[[Tensor], Any] = nn.init.xavier_normal_) -> Recipe:
-    """The :class:`~skcdf.methods.plugin.Recipe` of a CPS-pair method: :func:`vnet_pair`, A's and B's
-    logits averaged at test time (DHC's ``test.py --cps AB``), DHC's loss names."""
+    """The :class:`~skcdf.methods.plugin.Recipe` of a CPS-pair method: :func:`vnet_pair`; a fresh state
+    ``state_type(B, B's optimiser, *statistics(config, context))`` with the configuration's ramp length;
+    A's and B's logits averaged at test time (DHC's ``test.py --cps AB``); DHC's loss names."""
+
+    def start(networks: dict[str, nn.Module], context: Context) -> tuple[MethodState, Any]:
+        config = config_type(max_epoch=context.max_epoch)
+        net_b = networks["B"]
+        return state_type(net_b, context.new_optimizer(net_b), *statistics(config, context)), config
+
     return Recipe(networks=functools.partial(vnet_pair, init_b=init_b), inference=("A", "B"), start=start,
                   step=step, terms=terms, supervised="sup", unsupervised="cps", weight="cps_w")
 

@@ -109,12 +109,9 @@ def crest_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CReS
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[CReSTState, CReSTConfig]:
-    config = CReSTConfig(max_epoch=context.max_epoch)
+def _weights(config: CReSTConfig, context: Context) -> tuple[CReSTWeights, CReSTWeights]:
     counts = context.labeled_class_counts.cpu().numpy()
-    weights = [CReSTWeights(counts, config.momentum, device=context.device) for _ in range(2)]
-    net_b = networks["B"]
-    return CReSTState(net_b, context.new_optimizer(net_b), *weights), config
+    return tuple(CReSTWeights(counts, config.momentum, device=context.device) for _ in range(2))
 
 
-RECIPE = pair_recipe(_start, crest_step)
+RECIPE = pair_recipe(CReSTState, CReSTConfig, crest_step, _weights)

@@ -89,10 +89,8 @@ def depl_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DePLS
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DePLState, DePLConfig]:
-    net_b = networks["B"]
-    qhat = initial_qhat(context.num_classes, context.patch_size, device=context.device)
-    return DePLState(net_b, context.new_optimizer(net_b), qhat, qhat.clone()), DePLConfig(max_epoch=context.max_epoch)
+def _marginals(config: DePLConfig, context: Context) -> tuple[Tensor, Tensor]:
+    return tuple(initial_qhat(context.num_classes, context.patch_size, device=context.device) for _ in range(2))
 
 
-RECIPE = pair_recipe(_start, depl_step, LOSS_TERMS)
+RECIPE = pair_recipe(DePLState, DePLConfig, depl_step, _marginals, LOSS_TERMS)

@@ -159,11 +159,17 @@ class DHCState(PairState):
     @classmethod
     def create(cls, net_b: nn.Module, optimizer_b: torch.optim.Optimizer, labeled_class_counts: Tensor,
                config: DHCConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "DHCState":
-        """Fresh statistics; DistDW starts from the labeled set's class counts (K,)."""
-        num_classes = int(labeled_class_counts.numel())
-        distdw = DistDW(num_classes, config.distdw_momentum, dtype, device)
-        distdw.init_from_counts(labeled_class_counts)
-        return cls(net_b, optimizer_b, DiffDW(num_classes, config.diffdw_accumulate_iters, dtype, device), distdw)
+        """Fresh statistics (:func:`fresh_statistics`) beside B and its optimiser."""
+        return cls(net_b, optimizer_b, *fresh_statistics(labeled_class_counts, config, dtype, device))
+
+
+def fresh_statistics(labeled_class_counts: Tensor, config: DHCConfig, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> tuple[DiffDW, DistDW]:
+    """DiffDW and DistDW for training from scratch; DistDW starts from the labeled set's class counts (K,)."""
+    num_classes = int(labeled_class_counts.numel())
+    distdw = DistDW(num_classes, config.distdw_momentum, dtype, device)
+    distdw.init_from_counts(labeled_class_counts)
+    return DiffDW(num_classes, config.diffdw_accumulate_iters, dtype, device), distdw
 
 
 def dhc_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DHCState, x_labeled: Tensor,
@@ -188,12 +194,9 @@ def dhc_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: DHCSta
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DHCState, DHCConfig]:
-    config = DHCConfig(max_epoch=context.max_epoch)
-    net_b = networks["B"]
-    state = DHCState.create(net_b, context.new_optimizer(net_b), context.labeled_class_counts, config,
-                            device=context.device)
-    return state, config
+def _statistics(config: DHCConfig, context: Context) -> tuple[DiffDW, DistDW]:
+    return fresh_statistics(context.labeled_class_counts, config, device=context.device)
 
 
-RECIPE = pair_recipe(_start, dhc_step, init_b=nn.init.kaiming_normal_)  # DHC initialises both kaiming-normal
+# DHC initialises both networks kaiming-normal
+RECIPE = pair_recipe(DHCState, DHCConfig, dhc_step, _statistics, init_b=nn.init.kaiming_normal_)

@@ -96,12 +96,9 @@ def simis_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: Simi
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _start(networks: dict[str, nn.Module], context: Context) -> tuple[SimiSState, SimiSConfig]:
-    config = SimiSConfig(max_epoch=context.max_epoch)
+def _weights(config: SimiSConfig, context: Context) -> tuple[SimiSWeights, SimiSWeights]:
     counts = context.labeled_class_counts.cpu().numpy()
-    weights = [SimiSWeights(counts, config.momentum, device=context.device) for _ in range(2)]
-    net_b = networks["B"]
-    return SimiSState(net_b, context.new_optimizer(net_b), *weights), config
+    return tuple(SimiSWeights(counts, config.momentum, device=context.device) for _ in range(2))
 
 
-RECIPE = pair_recipe(_start, simis_step)
+RECIPE = pair_recipe(SimiSState, SimiSConfig, simis_step, _weights)
