@@ -114,3 +114,17 @@ def test_curves_command_errors(tmp_path, capsys):
     assert main(["curves", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "no 'loss*'" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_curves_leaves_out_a_panel_whose_columns_are_empty(tmp_path):
+    from matplotlib.image import imread
+
+    header = "epoch,iteration,loss,val_dice_mean,pseudo_fg_main,true_fg"
+    rows = [f"{epoch},{8 * (epoch + 1)},1.0,{10.0 * epoch},," for epoch in range(3)]  # a Table 1 run: no pseudo-labels
+    widths = []
+    for name, columns in (("empty", header), ("without", header.rsplit(",", 2)[0])):
+        csv_path = tmp_path / f"{name}.csv"
+        csv_path.write_text("\n".join([columns] + [r if name == "empty" else r[:-2] for r in rows]) + "\n")
+        plot_curves(csv_path, tmp_path / f"{name}.png")
+        widths.append(imread(tmp_path / f"{name}.png").shape[1])
+    assert widths[0] == widths[1]  # two panels each: loss and validation Dice

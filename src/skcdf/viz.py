@@ -156,6 +156,7 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> l
       run's collapse shows first;
     - the Dice of every head on the 6 smallest classes: whether the balanced (aux) heads learn them;
     - the foreground fraction of the pseudo-labels beside the true one.
+    A panel whose columns hold no values is left out.
     Raises InputError if the file is missing or has none of these columns.
     """
     from matplotlib.figure import Figure
@@ -174,6 +175,9 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> l
               ("Foreground fraction", ("epoch", "iteration"), [n for n in _FOREGROUND_COLUMNS if n in columns])]
     panels = [(title, next(x for x in xs if x in columns), names) for title, xs, names in panels
               if names and any(x in columns for x in xs)]
+    # a column with no values (a Table 1 method has no pseudo-label monitor) draws no panel
+    panels = [(title, x_name, names) for title, x_name, names in panels
+              if any(_series(columns[x_name], columns[name])[0] for name in names)]
     if not panels:
         raise InputError(f"{path}: no 'loss*' or 'val_dice*' columns with an 'iteration' or 'epoch' column to plot")
 
