@@ -150,24 +150,25 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     torch.manual_seed(config.seed + procs.rank)
     model = _build_model(config, num_classes, procs, device, hardware["channels_last"])
 
-    plugin = config.method.plugin
+    table1 = config.method.plugin  # a Table 1 method: its own networks and step (skcdf.methods.plugin)
 
     def new_optimizer(network: nn.Module) -> torch.optim.Optimizer:
         # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers. Not for
         # the Table 1 steps: some leave parameters without a gradient in an iteration (SS-Net's selectors of
         # a class absent from the batch), which the fused kernel refuses
         return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay, fused=not plugin)
+                               nesterov=config.nesterov, weight_decay=config.weight_decay, fused=not table1)
 
-    optimizer = new_optimizer(model.networks[model.recipe.trained] if plugin else model)
+    optimizer = new_optimizer(model.networks[model.recipe.trained] if table1 else model)
     data = open_streams(config, root, info, cases, procs, pin_memory=device.type == "cuda")
-    if plugin:
+    plugin = None
+    if table1:
         context = Context(num_classes, tuple(config.patch_size), torch.as_tensor(counts), len(cases.unlabeled),
                           config.batch_unlabeled, data.iterations_per_epoch, config.rampup_epochs or config.epochs,
                           new_optimizer, device)
         plugin = MethodTraining(model, optimizer, context)
-    if plugin and devices.amp_dtype(device) == torch.float16:
-        hardware["amp"] = False  # the Table 1 steps have no loss scaler: float16 would underflow
+        if devices.amp_dtype(device) == torch.float16:
+            hardware["amp"] = False  # the Table 1 steps have no loss scaler: float16 would underflow
     if procs.main:
         atomic_write_text(out / "config.yaml", to_yaml(config))  # also creates the run folder for train.log
     class_abbrevs = list(info["class_abbrevs"])[1:]
@@ -178,7 +179,8 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
                        "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"]),
                        "lateral_pairs": info["lateral_pairs"]},
         model=model, step_module=_wrap_step_module(model, config, procs, device), optimizer=optimizer,
-        plugin=plugin or None, scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and devices.amp_dtype(device) == torch.float16),
+        plugin=plugin,
+        scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and devices.amp_dtype(device) == torch.float16),
         transfer=KnowledgeTransfer(model, parse_ema_order(config.ema_order), config.ema_decay),
         data=data, keep_labeled=class_keep_probabilities(counts).to(device),
         pseudo_monitor=PseudoLabelMonitor(num_classes, device),
