@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
-                                    pair_recipe, weighted_pair_losses)
+                                    Statistics, pair_recipe, weighted_pair_losses)
 from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`crest_step`, in DHC's names.
@@ -109,9 +109,15 @@ def crest_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CReS
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _weights(config: CReSTConfig, context: Context) -> tuple[CReSTWeights, CReSTWeights]:
-    counts = context.labeled_class_counts.cpu().numpy()
-    return tuple(CReSTWeights(counts, config.momentum, device=context.device) for _ in range(2))
+def running_weights(weights_type: type) -> Statistics:
+    """The fresh statistics of a pair whose networks each keep running class weights, started from the
+    labeled cases' counts (CReST: :class:`CReSTWeights`, SimiS: ``SimiSWeights``)."""
+
+    def statistics(config: CReSTConfig, context: Context) -> tuple[Any, Any]:
+        counts = context.labeled_class_counts.cpu().numpy()
+        return tuple(weights_type(counts, config.momentum, device=context.device) for _ in range(2))
+
+    return statistics
 
 
-RECIPE = pair_recipe(CReSTState, CReSTConfig, crest_step, _weights)
+RECIPE = pair_recipe(CReSTState, CReSTConfig, crest_step, running_weights(CReSTWeights))

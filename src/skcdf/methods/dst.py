@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import (ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, init_like_dhc, masked_cross_entropy,
-                                  weight_during_epoch)
+from skcdf.methods.common import ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, init_like_dhc, masked_cross_entropy
+from skcdf.methods.cps_pair import PairConfig
 from skcdf.methods.plugin import Context, Recipe
 from skcdf.nn.vnet import Decoder, Encoder
 
@@ -125,23 +125,15 @@ def from_dhc_dst_state_dict(net: DecoupledVNet, state_dict: Mapping[str, Tensor]
 
 
 @dataclass
-class DSTConfig:
-    """Hyper-parameters of ``train_dst.py`` (README command: ``-w 0.1 -ep 300 -r``; the GRL's are fixed in
-    ``vnet_dst.py``)."""
+class DSTConfig(PairConfig):
+    """Hyper-parameters of ``train_dst.py`` (README command: ``-w 0.1 -ep 300 -r``, the weight and its ramp
+    as :class:`~skcdf.methods.cps_pair.PairConfig`'s; the GRL's are fixed in ``vnet_dst.py``)."""
 
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     confidence_threshold: float = 0.95
     grl_alpha: float = 1.0
     grl_lo: float = 0.0
     grl_hi: float = 0.1
     grl_max_iters: float = 500
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
     def grl_coeff(self, iteration: int) -> float:
         return grl_coefficient(iteration, self.grl_alpha, self.grl_lo, self.grl_hi, self.grl_max_iters)

@@ -25,8 +25,7 @@ from torch import Tensor, nn
 
 from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
                                     pair_recipe, weighted_pair_losses)
-from skcdf.methods.crest import class_counts
-from skcdf.methods.plugin import Context
+from skcdf.methods.crest import class_counts, running_weights
 
 #: Loss terms returned by :func:`simis_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -96,9 +95,4 @@ def simis_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: Simi
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def _weights(config: SimiSConfig, context: Context) -> tuple[SimiSWeights, SimiSWeights]:
-    counts = context.labeled_class_counts.cpu().numpy()
-    return tuple(SimiSWeights(counts, config.momentum, device=context.device) for _ in range(2))
-
-
-RECIPE = pair_recipe(SimiSState, SimiSConfig, simis_step, _weights)
+RECIPE = pair_recipe(SimiSState, SimiSConfig, simis_step, running_weights(SimiSWeights))
