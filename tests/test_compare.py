@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -13,8 +14,8 @@ from scipy import stats
 
 from skcdf.ablate import ablation_methods, write_ablation_comparison
 from skcdf.cli import main
-from skcdf.compare import (Method, bootstrap_interval, class_groups, compare, paired_stats, reading,
-                           training_class_counts, wilcoxon_p)
+from skcdf.compare import (Method, bootstrap_interval, class_groups, compare, paired_stats, reading, render_csv,
+                           render_markdown, training_class_counts, wilcoxon_p)
 from skcdf.data.layout import dataset_info, write_case, write_dataset_info, write_split
 from skcdf.utils import InputError
 
@@ -130,6 +131,24 @@ def test_compare_pairs_cases_and_groups(tmp_path):
     assert by_group["all"].stats.mean_diff == pytest.approx(np.mean(all_diffs))
     assert by_group["all"].stats.p_value == pytest.approx(stats.wilcoxon(all_diffs).pvalue)
     assert "not significant at the 5 % level" in reading(by_group["all"])  # n = 3 cannot reach p < 0.05
+
+
+def test_each_seed_has_its_own_mean_difference_and_seeds_ahead_counts_the_positive_ones(tmp_path):
+    # seed "s1": B is A lowered by 5 points on every class, so B is ahead on seed s0 only
+    behind = {case: [value - 5.0 for value in values] for case, values in A_DICE.items()}
+    a = Method("A", {"s0": _evaluation(tmp_path / "a0", A_DICE, "A"), "s1": _evaluation(tmp_path / "a1", A_DICE, "A")})
+    b = Method("B", {"s0": _evaluation(tmp_path / "b0", B_DICE, "B"), "s1": _evaluation(tmp_path / "b1", behind, "B")})
+    rows = {row.group: row for row in compare(a, b, {"all": [1, 2, 3], "small": [3]})}
+    seed0 = np.mean([np.mean(B_DICE[c]) - np.mean(A_DICE[c]) for c in A_DICE])
+    assert rows["all"].seed_differences == pytest.approx((seed0, -5.0))
+    assert rows["all"].stats.n == 6 and rows["all"].stats.mean_diff == pytest.approx((seed0 - 5.0) / 2)
+    assert rows["all"].seeds_ahead == 1 and rows["small"].seeds_ahead == 1
+    assert rows["small"].seed_differences == pytest.approx((20.0, -5.0))
+    assert "| 1/2 |" in render_markdown(list(rows.values()))
+    assert "ahead on 1 of 2 seed(s)" in reading(rows["all"])
+    line = next(csv.DictReader(io.StringIO(render_csv([rows["all"]]))))
+    assert (line["seeds"], line["seeds_ahead"]) == ("2", "1")
+    assert [float(v) for v in line["seed_diffs"].split()] == pytest.approx((seed0, -5.0), abs=1e-4)
 
 
 def test_mismatched_cases_are_an_error_naming_both_folders(tmp_path):
