@@ -153,9 +153,9 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     table1 = config.method.plugin  # a Table 1 method: its own networks and step (skcdf.methods.plugin)
 
     def new_optimizer(network: nn.Module) -> torch.optim.Optimizer:
-        # fused: one kernel for all parameter tensors instead of a loop over them; the same numbers. Not for
-        # the Table 1 steps: some leave parameters without a gradient in an iteration (SS-Net's selectors of
-        # a class absent from the batch), which the fused kernel refuses
+        # fused: one kernel for all parameter tensors instead of a loop over them; the same update up to float
+        # rounding (not bit for bit). Not for the Table 1 steps: some leave parameters without a gradient in an
+        # iteration (SS-Net's selectors of a class absent from the batch), which the fused kernel refuses
         return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
                                nesterov=config.nesterov, weight_decay=config.weight_decay, fused=not table1)
 
