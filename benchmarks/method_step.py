@@ -42,7 +42,7 @@ def time_step(method: str, iterations: int) -> float:
         return torch.optim.SGD(network.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=3e-5)
 
     counts = torch.randint(1, 1000, (NUM_CLASSES,)).double()
-    context = Context(NUM_CLASSES, PATCH, counts, 16, BATCH, 8, 300, new_optimizer, torch.device("cpu"))
+    context = Context(NUM_CLASSES, PATCH, counts, 16, BATCH, 8, 300, 0.1, new_optimizer, torch.device("cpu"))
     training = MethodTraining(net, new_optimizer(net.networks[net.recipe.trained]), context)
     times = []
     for i in range(iterations + 3):

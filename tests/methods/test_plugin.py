@@ -3,6 +3,7 @@ needs (bit-exact), rebuilds from the checkpoint and predicts by its own test-tim
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from skcdf import Segmenter, methods
 from skcdf.checkpoint import load_checkpoint, load_model
-from skcdf.methods.plugin import MethodNet, MethodTraining, recipe
+from skcdf.methods.plugin import Context, MethodNet, MethodTraining, recipe
 from skcdf.train.trainer import train
 from tests.conftest import tiny_config
 
@@ -43,9 +44,25 @@ def test_the_registry_names_every_table1_method_once():
 
 
 @pytest.mark.parametrize("method", PLUGINS)
+def test_method_weight_is_the_weight_each_method_ramps_to(method):
+    """``method_weight`` (the Context's weight) replaces DHC's -w: w · exp(−5 (1 − t)²), one epoch late."""
+    net = MethodNet(method, 1, 4, 8, dropout=False)
+
+    def new_optimizer(network: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(network.parameters(), lr=0.1)
+
+    context = Context(4, (32, 32, 32), torch.tensor([500.0, 200, 50, 5]), 16, 2, 8, 10, 0.37, new_optimizer,
+                      torch.device("cpu"))
+    config = MethodTraining(net, new_optimizer(net.networks[net.recipe.trained]), context).config
+    assert config.weight_at(0) == config.weight_at(1) == pytest.approx(0.37 * math.exp(-5))
+    assert config.weight_at(6) == pytest.approx(0.37 * math.exp(-5 * 0.5 ** 2))
+    assert config.weight_at(11) == config.weight_at(50) == pytest.approx(0.37)
+
+
+@pytest.mark.parametrize("method", PLUGINS)
 def test_every_table1_method_trains_checkpoints_and_predicts(method, tiny_phantom, tmp_path):
     run = tmp_path / method
-    config = tiny_config(variant=method, epochs=1)
+    config = tiny_config(variant=method, epochs=1, method_weight=0.5)
     model = train(config, tiny_phantom, run)
     torch.manual_seed(config.seed)  # the trainer seeds, then builds the model
     untrained = MethodNet(**model.init_args)
@@ -61,7 +78,8 @@ def test_every_table1_method_trains_checkpoints_and_predicts(method, tiny_phanto
     header, row = rows[0].split(","), dict(zip(rows[0].split(","), rows[1].split(",")))
     assert len(header) == len(set(header))
     assert float(row["loss"]) == float(row[f"loss_{model.recipe.total}"])
-    assert float(row["lambda"]) > 0 and 0 <= float(row["val_dice_mean"]) <= 100
+    assert float(row["lambda"]) == pytest.approx(0.5 * math.exp(-5))  # method_weight, epoch 0 of the ramp
+    assert 0 <= float(row["val_dice_mean"]) <= 100
 
     payload = load_checkpoint(run / "last.pt")
     assert payload["model_args"]["method"] == method and "method_state" in payload

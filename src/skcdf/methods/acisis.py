@@ -215,7 +215,8 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[AcisisState, AcisisConfig]:
-    config = AcisisConfig(update_iter=context.iterations_per_epoch, max_epoch=context.max_epoch)
+    config = AcisisConfig(update_iter=context.iterations_per_epoch, cps_weight=context.weight,
+                          max_epoch=context.max_epoch)
     return AcisisState(networks["teacher"], ClassRates(context.num_classes, config, device=context.device)), config
 
 

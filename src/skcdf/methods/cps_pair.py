@@ -153,7 +153,7 @@ def pair_recipe(state_type: type[PairState], config_type: type[PairConfig], step
     A's and B's logits averaged at test time (DHC's ``test.py --cps AB``); DHC's loss names."""
 
     def start(networks: dict[str, nn.Module], context: Context) -> tuple[MethodState, Any]:
-        config = config_type(max_epoch=context.max_epoch)
+        config = config_type(cps_weight=context.weight, max_epoch=context.max_epoch)
         net_b = networks["B"]
         return state_type(net_b, context.new_optimizer(net_b), *statistics(config, context)), config
 

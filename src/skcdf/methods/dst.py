@@ -224,7 +224,8 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DSTState, DSTConfig]:
     net_b = networks["B"]
-    return DSTState(net_b, context.new_optimizer(net_b)), DSTConfig(max_epoch=context.max_epoch)
+    config = DSTConfig(cps_weight=context.weight, max_epoch=context.max_epoch)
+    return DSTState(net_b, context.new_optimizer(net_b)), config
 
 
 # test time: the main decoders of A and B averaged (DHC's test.py --cps AB)

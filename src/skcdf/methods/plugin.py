@@ -43,8 +43,9 @@ class Context:
 
     num_classes: K; patch_size: (D, H, W); labeled_class_counts: (K,) voxels per class in the labeled
     cases; unlabeled_cases: how many; batch_unlabeled: per step; iterations_per_epoch; max_epoch: the
-    length of DHC's ramp-up (``-ep``), the configuration's ``rampup_epochs``; new_optimizer: an SGD with
-    the run's settings for a further network; device.
+    length of DHC's ramp-up (``-ep``), the configuration's ``rampup_epochs``; weight: the unsupervised
+    weight after the ramp (``-w``), the configuration's ``method_weight``; new_optimizer: an SGD with the
+    run's settings for a further network; device.
     """
 
     num_classes: int
@@ -54,6 +55,7 @@ class Context:
     batch_unlabeled: int
     iterations_per_epoch: int
     max_epoch: int
+    weight: float
     new_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     device: torch.device
 

@@ -367,7 +367,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[SSNetState, SSNetConfig]:
     state = SSNetState.create(context.num_classes, device=context.device, feature_dim=networks["net"].feature_dim)
-    return state, SSNetConfig(max_epoch=context.max_epoch)
+    return state, SSNetConfig(consistency_weight=context.weight, max_epoch=context.max_epoch)
 
 
 RECIPE = Recipe(_networks, inference=("net",), start=_start, step=ssnet_step, terms=LOSS_TERMS,

@@ -141,7 +141,8 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[UAMTState, UAMTConfig]:
-    return UAMTState(networks["teacher"]), UAMTConfig(max_epoch=context.max_epoch)
+    config = UAMTConfig(consistency_weight=context.weight, max_epoch=context.max_epoch)
+    return UAMTState(networks["teacher"]), config
 
 
 # test time: the student (DHC's test.py loads the trained model)

@@ -188,7 +188,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[URPCState, URPCConfig]:
-    return URPCState(), URPCConfig(max_epoch=context.max_epoch)
+    return URPCState(), URPCConfig(consistency_weight=context.weight, max_epoch=context.max_epoch)
 
 
 RECIPE = Recipe(_networks, inference=("net",), start=_start, step=urpc_step,

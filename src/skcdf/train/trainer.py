@@ -165,7 +165,7 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     if table1:
         context = Context(num_classes, tuple(config.patch_size), torch.as_tensor(counts), len(cases.unlabeled),
                           config.batch_unlabeled, data.iterations_per_epoch, config.rampup_epochs or config.epochs,
-                          new_optimizer, device)
+                          config.method_weight, new_optimizer, device)
         plugin = MethodTraining(model, optimizer, context)
         if devices.amp_dtype(device) == torch.float16:
             hardware["amp"] = False  # the Table 1 steps have no loss scaler: float16 would underflow
