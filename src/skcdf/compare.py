@@ -209,7 +209,8 @@ def compare(a: Method, b: Method, groups: Mapping[str, Sequence[int]],
         if columns:
             names = tuple((abbrevs or {}).get(label, str(label)) for label in members)
             group_a, group_b = dice_a[:, columns].mean(axis=1), dice_b[:, columns].mean(axis=1)
-            per_seed = tuple(float((group_b - group_a)[pair_seeds == seed].mean()) for seed in dict.fromkeys(pair_seeds))
+            differences = group_b - group_a
+            per_seed = tuple(float(differences[pair_seeds == seed].mean()) for seed in dict.fromkeys(pair_seeds))
             rows.append(ComparisonRow(a.name, b.name, group, names, paired_stats(group_a, group_b), per_seed))
     return rows
 
