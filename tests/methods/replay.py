@@ -27,6 +27,11 @@ def load_fixture(method: str) -> dict:
     return torch.load(FIXTURES / f"{method}.pt", weights_only=True)
 
 
+def schedule(hp: dict) -> dict[str, Any]:
+    """The :class:`~skcdf.methods.common.WeightSchedule` fields of a fixture's hyper-parameters."""
+    return {"weight": hp["cps_w_max"], "max_epoch": hp["max_epoch"], "rampup": hp["cps_rampup"]}
+
+
 def build_net(fixture: dict, name: str) -> DHCVNet:
     """The fixture's network ``name`` in float64, loaded with its initial state."""
     args = fixture["model_args"]

@@ -10,18 +10,17 @@ import pytest
 import torch
 
 from skcdf.methods.acisis import AcisisConfig, AcisisState, ClassRates, acisis_step
-from tests.methods.replay import (LOSS_TOLERANCE, STATE_TOLERANCE, assert_losses_match, assert_state_matches,
-                                  build_net, inputs, load_fixture, relative_difference, sgd)
+from tests.methods.replay import (LOSS_TOLERANCE, STATE_TOLERANCE, assert_losses_match, assert_state_matches, build_net,
+                                  inputs, load_fixture, relative_difference, schedule, sgd)
 
 LOSS_NAMES = {name: name for name in ("sup", "cps", "total")}
 
 
 def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, AcisisState, AcisisConfig]:
     hp = fixture["hparams"]
-    config = AcisisConfig(update_iter=hp["update_iter"], cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"],
-                          rampup=hp["cps_rampup"], ema_decay=hp["ema_decay"], cc_momentum=hp["cc_momentum"],
-                          top_m=hp["top_m"], p_fr=hp["P_FR"], p_ccf=float(hp["P_CCF"]), lambda_=hp["lambda_"],
-                          beta=hp["beta"])
+    config = AcisisConfig(update_iter=hp["update_iter"], **schedule(hp), ema_decay=hp["ema_decay"],
+                          cc_momentum=hp["cc_momentum"], top_m=hp["top_m"], p_fr=hp["P_FR"], p_ccf=float(hp["P_CCF"]),
+                          lambda_=hp["lambda_"], beta=hp["beta"])
     student, teacher = build_net(fixture, "student"), build_net(fixture, "teacher")
     rates = ClassRates(hp["num_classes"], config, dtype=torch.float64)
     begin = fixture["confidence_start"]

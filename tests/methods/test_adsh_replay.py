@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from skcdf.methods.adsh import AdshBank, AdshConfig, AdshState, adsh_step
-from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, relative_difference, replay_pair,
-                                  resume_pair, sgd)
+from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, relative_difference, replay_pair, resume_pair,
+                                  schedule, sgd)
 
 
 def bank_at_start(fixture: dict, name: str) -> AdshBank:
@@ -27,8 +27,7 @@ def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, AdshSt
     hp = fixture["hparams"]
     net_a, net_b = build_net(fixture, "A"), build_net(fixture, "B")
     state = AdshState(net_b, sgd(net_b, fixture), bank_at_start(fixture, "A"), bank_at_start(fixture, "B"))
-    config = AdshConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
-                        thresh_major=hp["thresh_major"])
+    config = AdshConfig(**schedule(hp), thresh_major=hp["thresh_major"])
     return net_a, sgd(net_a, fixture), state, config
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import torch
 
 from skcdf.methods.cld import CLDConfig, CLDState, ConfidenceBank, cld_class_weights, cld_step
-from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, load_fixture, relative_difference,
-                                  replay_pair, resume_pair, sgd)
+from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, load_fixture, relative_difference, replay_pair,
+                                  resume_pair, schedule, sgd)
 
 
 def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, CLDState, CLDConfig]:
     hp = fixture["hparams"]
-    config = CLDConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
+    config = CLDConfig(**schedule(hp),
                        update_iter=hp["confs_iter"], momentum=hp["confs_momentum"], gamma=hp["sampling_gamma"])
     banks = {}
     for name, begin in fixture["bank_start"].items():

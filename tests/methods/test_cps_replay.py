@@ -7,13 +7,13 @@ import torch
 
 from skcdf.methods.common import lr_during_epoch
 from skcdf.methods.cps import CPSConfig, CPSState, cps_step
-from tests.methods.replay import PairReplay, build_net, load_fixture, replay_pair, sgd
+from tests.methods.replay import PairReplay, build_net, load_fixture, replay_pair, schedule, sgd
 
 
 def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, CPSState, CPSConfig]:
     hp = fixture["hparams"]
     net_a, net_b = build_net(fixture, "A"), build_net(fixture, "B")
-    config = CPSConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"])
+    config = CPSConfig(**schedule(hp))
     return net_a, sgd(net_a, fixture), CPSState(net_b, sgd(net_b, fixture)), config
 
 

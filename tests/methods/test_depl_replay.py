@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from skcdf.methods.depl import DePLConfig, DePLState, depl_step, initial_qhat
-from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, load_fixture, relative_difference,
-                                  replay_pair, resume_pair, sgd)
+from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, load_fixture, relative_difference, replay_pair,
+                                  resume_pair, schedule, sgd)
 
 
 def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, DePLState, DePLConfig]:
@@ -16,8 +16,7 @@ def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, DePLSt
     qhat = {name: q.double().view(1, -1, 1, 1, 1).expand(1, q.numel(), *patch).clone()
             for name, q in fixture["qhat0_class"].items()}
     state = DePLState(net_b, sgd(net_b, fixture), qhat["A"], qhat["B"])
-    config = DePLConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
-                        tau=hp["tau"], threshold=hp["threshold"], qhat_momentum=hp["qhat_momentum"])
+    config = DePLConfig(**schedule(hp), tau=hp["tau"], threshold=hp["threshold"], qhat_momentum=hp["qhat_momentum"])
     return net_a, sgd(net_a, fixture), state, config
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from skcdf.methods.dhc import DHCConfig, DHCState, dhc_step
-from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, relative_difference, replay_pair,
-                                  resume_pair, sgd)
+from tests.methods.replay import (LOSS_TOLERANCE, PairReplay, build_net, relative_difference, replay_pair, resume_pair,
+                                  schedule, sgd)
 
 
 def _state(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, DHCState, DHCConfig]:
     hp = fixture["hparams"]
     net_a, net_b = build_net(fixture, "A"), build_net(fixture, "B")
-    config = DHCConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
+    config = DHCConfig(**schedule(hp),
                        diffdw_accumulate_iters=hp["diffdw_accumulate_iters"], distdw_momentum=hp["distdw_momentum"])
     state = DHCState.create(net_b, sgd(net_b, fixture), fixture["labeled_class_counts"], config, dtype=torch.float64)
     return net_a, sgd(net_a, fixture), state, config

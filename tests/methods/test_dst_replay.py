@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from skcdf.methods.dst import DecoupledVNet, DSTConfig, DSTState, dst_step, dst_to_skcdf_key, from_dhc_dst_state_dict
-from tests.methods.replay import STATE_TOLERANCE, assert_losses_match, assert_state_matches, inputs, load_fixture, sgd
+from tests.methods.replay import (STATE_TOLERANCE, assert_losses_match, assert_state_matches, inputs, load_fixture,
+                                  schedule, sgd)
 
 LOSS_NAMES = {name: name for name in ("sup_A", "sup_B", "cps_A", "cps_B", "worst_A", "worst_B", "sup", "cps",
                                       "worst", "total")}
@@ -22,7 +23,7 @@ def build_dst_net(fixture: dict, name: str) -> DecoupledVNet:
 
 def config_of(fixture: dict) -> DSTConfig:
     hp = fixture["hparams"]
-    return DSTConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
+    return DSTConfig(**schedule(hp),
                      confidence_threshold=hp["confidence_threshold"], grl_alpha=hp["grl_alpha"], grl_lo=hp["grl_lo"],
                      grl_hi=hp["grl_hi"], grl_max_iters=hp["grl_max_iters"])
 

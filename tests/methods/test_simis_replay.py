@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from skcdf.methods.simis import SimiSConfig, SimiSState, SimiSWeights, simis_gaps, simis_step
-from tests.methods.replay import build_net, class_weight_replay, replay_pair, resume_pair, sgd
+from tests.methods.replay import build_net, class_weight_replay, replay_pair, resume_pair, schedule, sgd
 
 
 def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, SimiSState, SimiSConfig]:
@@ -15,8 +15,7 @@ def start(fixture: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, SimiSS
     net_a, net_b = build_net(fixture, "A"), build_net(fixture, "B")
     weights = [SimiSWeights(counts, hp["simis_momentum"], dtype=torch.float64) for _ in range(2)]
     state = SimiSState(net_b, sgd(net_b, fixture), *weights)
-    config = SimiSConfig(cps_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
-                         momentum=hp["simis_momentum"])
+    config = SimiSConfig(**schedule(hp), momentum=hp["simis_momentum"])
     return net_a, sgd(net_a, fixture), state, config
 
 

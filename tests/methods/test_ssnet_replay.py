@@ -15,7 +15,7 @@ import torch
 from skcdf.methods.ssnet import (LOSS_TERMS, SSNetConfig, SSNetState, SSNetVNet, from_dhc_ssnet_state_dict,
                                  ssnet_step, ssnet_to_skcdf_key)
 from tests.methods.replay import (LOSS_TOLERANCE, STATE_TOLERANCE, assert_losses_match, inputs, load_fixture,
-                                  relative_difference, sgd)
+                                  relative_difference, schedule, sgd)
 
 #: fixture key → step key (DHC's ``loss_seg``, the CE it never adds, is the step's ``ce_unused``)
 LOSS_NAMES = {"loss_seg": "ce_unused", "loss_seg_dice": "loss_seg_dice", "loss_lds": "loss_lds",
@@ -31,7 +31,7 @@ def build(fixture: dict) -> SSNetVNet:
 
 def config_of(fixture: dict) -> SSNetConfig:
     hp = fixture["hparams"]
-    return SSNetConfig(consistency_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
+    return SSNetConfig(**schedule(hp),
                        contrastive_weight=hp["contrastive_weight"], vat_xi=hp["vat_xi"], vat_epsilon=hp["vat_epsilon"],
                        vat_iterations=hp["vat_iterations"], elements_per_class=hp["elements_per_class"],
                        dice_smooth=hp["dice_smooth"])

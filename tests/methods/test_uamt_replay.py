@@ -11,7 +11,7 @@ import torch
 
 from skcdf.methods.uamt import UAMTConfig, UAMTState, uamt_step
 from tests.methods.replay import (STATE_TOLERANCE, assert_losses_match, assert_state_matches, build_net, inputs,
-                                  load_fixture, sgd)
+                                  load_fixture, schedule, sgd)
 
 LOSS_NAMES = {name: name for name in ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss", "total")}
 
@@ -22,8 +22,7 @@ def test_uamt_replays_two_dhc_iterations():
     student, teacher = build_net(fixture, "student"), build_net(fixture, "teacher")
     optimizer = sgd(student, fixture)
     state = UAMTState(teacher)
-    config = UAMTConfig(consistency_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"],
-                        ema_decay=hp["ema_decay"], passes=hp["T"], noise_std=hp["noise_std"],
+    config = UAMTConfig(**schedule(hp), ema_decay=hp["ema_decay"], passes=hp["T"], noise_std=hp["noise_std"],
                         noise_clip=hp["noise_clip"])
     epoch = hp["epoch"]
     assert config.weight_at(epoch) == pytest.approx(hp["cps_w"], rel=1e-15)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from skcdf.methods.urpc import LOSS_TERMS, UNet3DDeepSupervision, URPCConfig, URPCState, urpc_step
-from tests.methods.replay import STATE_TOLERANCE, assert_losses_match, assert_state_matches, inputs, load_fixture, sgd
+from tests.methods.replay import (STATE_TOLERANCE, assert_losses_match, assert_state_matches, inputs, load_fixture,
+                                  schedule, sgd)
 
 LOSS_NAMES = {name: name for name in LOSS_TERMS if name != "cps_w"}
 
@@ -24,7 +25,7 @@ def test_urpc_replays_two_dhc_iterations():
     net = build(fixture)
     assert [m.p for m in net.dropouts()] == hp["dropout_p"]
     optimizer = sgd(net, fixture)
-    config = URPCConfig(consistency_weight=hp["cps_w_max"], max_epoch=hp["max_epoch"], rampup=hp["cps_rampup"])
+    config = URPCConfig(**schedule(hp))
     assert config.weight_at(hp["epoch"]) == pytest.approx(hp["cps_w"], rel=1e-15)
     x_l, y_l, x_u = inputs(fixture)
     for i in range(2):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import DHCVNet, dice_ce, init_like_dhc, masked_cross_entropy, weight_during_epoch
+from skcdf.methods.common import DHCVNet, WeightSchedule, dice_ce, init_like_dhc, masked_cross_entropy
 from skcdf.methods.uamt import update_teacher
 from skcdf.methods.plugin import Context, Recipe
 
@@ -45,16 +45,13 @@ from skcdf.methods.plugin import Context, Recipe
 LOSS_TERMS = ("sup", "cps", "cps_w", "total", "sample_map_sum")
 
 
-@dataclass
-class AcisisConfig:
-    """Hyper-parameters of ``train_acisis.py`` (README command ``-w 0.1 -ep 300 -r``; the rest is fixed in
-    the script). ``update_iter``: iterations between rate updates, DHC's ``len(unlabeled_loader)``."""
+@dataclass(kw_only=True)
+class AcisisConfig(WeightSchedule):
+    """Hyper-parameters of ``train_acisis.py``: the weight and its ramp (README command ``-w 0.1 -ep 300 -r``),
+    :class:`~skcdf.methods.common.WeightSchedule`'s; the rest is fixed in the script. ``update_iter``:
+    iterations between rate updates, DHC's ``len(unlabeled_loader)``."""
 
     update_iter: int
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     ema_decay: float = 0.99
     cc_momentum: float = 0.99
     top_m: int = 12
@@ -62,10 +59,6 @@ class AcisisConfig:
     p_ccf: float = 0.0
     lambda_: float = 2.5
     beta: float = 1.5
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
     def ema_alpha_at(self, epoch: int) -> float:
         """min(1 − 1/(epoch + 1), ema_decay): DHC passes the epoch as the "global step"."""
@@ -215,8 +208,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[AcisisState, AcisisConfig]:
-    config = AcisisConfig(update_iter=context.iterations_per_epoch, cps_weight=context.weight,
-                          max_epoch=context.max_epoch)
+    config = AcisisConfig.for_context(context, update_iter=context.iterations_per_epoch)
     return AcisisState(networks["teacher"], ClassRates(context.num_classes, config, device=context.device)), config
 
 

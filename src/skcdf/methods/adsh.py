@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step, pair_recipe
+from skcdf.methods.common import WeightSchedule, dice_ce
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step, pair_recipe
 from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`adsh_step`, in DHC's names.
@@ -38,7 +38,7 @@ LOSS_TERMS = PAIR_LOSS_TERMS
 
 
 @dataclass
-class AdshConfig(PairConfig):
+class AdshConfig(WeightSchedule):
     """Hyper-parameters of ``train_adsh.py`` (README command ``-w 0.1 -ep 300 -r``; the majority-class
     confidence 0.9 is fixed in the script)."""
 

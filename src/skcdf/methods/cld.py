@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce, masked_cross_entropy
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step, pair_recipe
+from skcdf.methods.common import WeightSchedule, dice_ce, masked_cross_entropy
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step, pair_recipe
 from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`cld_step`, in DHC's names.
@@ -43,7 +43,7 @@ def cld_class_weights(labeled_counts: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class CLDConfig(PairConfig):
+class CLDConfig(WeightSchedule):
     """Hyper-parameters of ``train_cld.py`` (README command ``-w 0.1 -ep 300 -r``; ``--confs_iter`` 8)."""
 
     update_iter: int = 8

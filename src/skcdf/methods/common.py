@@ -8,7 +8,8 @@
 * The DHC loss conventions (:func:`dice_ce`: CE − soft Dice, optionally class-weighted;
   :func:`masked_cross_entropy`).
 * DHC's schedules (:func:`sigmoid_rampup`, :func:`weight_during_epoch`, :func:`lr_during_epoch`), which
-  all move once per epoch.
+  all move once per epoch, and :class:`WeightSchedule`, the ramped unsupervised weight every method's
+  configuration extends.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skcdf.nn.vnet import Decoder, Encoder
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from skcdf.methods.plugin import Context
 
 # --------------------------------------------------------------------------------------------------
 # Network
@@ -210,6 +217,30 @@ def weight_during_epoch(epoch: int, weight: float, max_epoch: int, rampup: bool 
     if not rampup:
         return float(weight)
     return float(weight) * sigmoid_rampup(max(epoch - 1, 0), max_epoch if rampup_length is None else rampup_length)
+
+
+@dataclass
+class WeightSchedule:
+    """The unsupervised weight of DHC's scripts and its ramp-up (README command ``-w 0.1 -ep 300 -r``).
+
+    weight: ``-w``, the weight after ramp-up (skcdf's ``method_weight``); max_epoch: ``-ep``, the ramp's
+    length (skcdf's ``rampup_epochs``); rampup: ``-r``; rampup_length: ``-cr`` (None: max_epoch).
+    Each method's configuration extends it with the hyper-parameters its script fixes.
+    """
+
+    weight: float = 0.1
+    max_epoch: int = 300
+    rampup: bool = True
+    rampup_length: float | None = None
+
+    @classmethod
+    def for_context(cls, context: Context, **fields: Any) -> Self:
+        """The configuration of a training run: its weight and ramp length from ``context``, ``fields`` as given."""
+        return cls(weight=context.weight, max_epoch=context.max_epoch, **fields)
+
+    def weight_at(self, epoch: int) -> float:
+        """The unsupervised weight during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
+        return weight_during_epoch(epoch, self.weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 def lr_during_epoch(epoch: int, base_lr: float, max_epoch: int, exponent: float = 0.9) -> float:

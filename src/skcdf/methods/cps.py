@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairState, cps_pair_step, pair_recipe,
+from skcdf.methods.common import WeightSchedule
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairState, cps_pair_step, pair_recipe,
                                     weighted_pair_losses)
 
 #: Loss terms returned by :func:`cps_step`, in DHC's names.
@@ -24,9 +25,9 @@ LOSS_TERMS = PAIR_LOSS_TERMS
 
 
 @dataclass
-class CPSConfig(PairConfig):
+class CPSConfig(WeightSchedule):
     """Hyper-parameters of DHC's ``train_cps.py`` (values: DHC's README command, ``-w 0.1 -ep 300 -r``):
-    those of :class:`~skcdf.methods.cps_pair.PairConfig`."""
+    those of :class:`~skcdf.methods.common.WeightSchedule`."""
 
 
 @dataclass

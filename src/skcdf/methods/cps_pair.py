@@ -6,8 +6,9 @@ by the other's pseudo-labels, and both take one SGD step on
     loss = sup_A + sup_B + λ(epoch) · (cps_A + cps_B)
 
 Only how the four terms are computed from the two outputs differs between the methods: each passes a
-:data:`PairLossFn` to :func:`cps_pair_step`. Also shared: the ramped weight λ (:class:`PairConfig`) and
-the state holding B, its optimiser and the method's statistics (:class:`PairState`).
+:data:`PairLossFn` to :func:`cps_pair_step`. Also shared: the state holding B, its optimiser and the
+method's statistics (:class:`PairState`); each method's configuration extends
+:class:`~skcdf.methods.common.WeightSchedule` (the ramped weight λ).
 """
 
 from __future__ import annotations
@@ -19,29 +20,11 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import DHCVNet, cross_entropy, dice_ce, init_like_dhc, weight_during_epoch
+from skcdf.methods.common import DHCVNet, WeightSchedule, cross_entropy, dice_ce, init_like_dhc
 from skcdf.methods.plugin import Context, MethodState, Recipe, Step
 
 #: Loss terms every CPS-pair step returns, in DHC's names (methods may add their own after them).
 PAIR_LOSS_TERMS = ("sup_A", "sup_B", "cps_A", "cps_B", "sup", "cps", "cps_w", "total")
-
-
-@dataclass
-class PairConfig:
-    """The pseudo-supervision weight of DHC's scripts (README command ``-w 0.1 -ep 300 -r``).
-
-    cps_weight: ``-w``, the weight after ramp-up; max_epoch: ``-ep``; rampup: ``-r``;
-    rampup_length: ``-cr`` (None: max_epoch).
-    """
-
-    cps_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
-        return weight_during_epoch(epoch, self.cps_weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 @dataclass
@@ -145,7 +128,7 @@ def vnet_pair(in_channels: int, num_classes: int, filters: int, dropout: bool,
 Statistics = Callable[[Any, Context], tuple[Any, ...]]
 
 
-def pair_recipe(state_type: type[PairState], config_type: type[PairConfig], step: Step,
+def pair_recipe(state_type: type[PairState], config_type: type[WeightSchedule], step: Step,
                 statistics: Statistics = lambda config, context: (), terms: tuple[str, ...] = PAIR_LOSS_TERMS,
                 init_b: Callable[[Tensor], Any] = nn.init.xavier_normal_) -> Recipe:
     """The :class:`~skcdf.methods.plugin.Recipe` of a CPS-pair method: :func:`vnet_pair`; a fresh state
@@ -153,7 +136,7 @@ def pair_recipe(state_type: type[PairState], config_type: type[PairConfig], step
     A's and B's logits averaged at test time (DHC's ``test.py --cps AB``); DHC's loss names."""
 
     def start(networks: dict[str, nn.Module], context: Context) -> tuple[MethodState, Any]:
-        config = config_type(cps_weight=context.weight, max_epoch=context.max_epoch)
+        config = config_type.for_context(context)
         net_b = networks["B"]
         return state_type(net_b, context.new_optimizer(net_b), *statistics(config, context)), config
 
@@ -161,5 +144,5 @@ def pair_recipe(state_type: type[PairState], config_type: type[PairConfig], step
                   step=step, terms=terms, supervised="sup", unsupervised="cps", weight="cps_w")
 
 
-__all__ = ["PAIR_LOSS_TERMS", "PairConfig", "PairLossFn", "PairLosses", "PairState", "cps_pair_step",
+__all__ = ["PAIR_LOSS_TERMS", "PairLossFn", "PairLosses", "PairState", "cps_pair_step",
            "pair_recipe", "vnet_pair", "weighted_pair_losses"]

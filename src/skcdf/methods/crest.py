@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
+from skcdf.methods.common import WeightSchedule
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step,
                                     Statistics, pair_recipe, weighted_pair_losses)
 from skcdf.methods.plugin import Context
 
@@ -52,7 +53,7 @@ def class_counts(labels: Tensor, num_classes: int) -> np.ndarray:
 
 
 @dataclass
-class CReSTConfig(PairConfig):
+class CReSTConfig(WeightSchedule):
     """Hyper-parameters of ``train_crest.py`` (README command ``-w 0.1 -ep 300 -r``; momentum fixed)."""
 
     momentum: float = 0.99

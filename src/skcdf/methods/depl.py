@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.common import dice_ce, masked_cross_entropy
-from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step, pair_recipe
+from skcdf.methods.common import WeightSchedule, dice_ce, masked_cross_entropy
+from skcdf.methods.cps_pair import PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step, pair_recipe
 from skcdf.methods.plugin import Context
 
 #: Loss terms returned by :func:`depl_step`, in DHC's names.
@@ -31,7 +31,7 @@ LOSS_TERMS = PAIR_LOSS_TERMS + ("mask_A", "mask_B")
 
 
 @dataclass
-class DePLConfig(PairConfig):
+class DePLConfig(WeightSchedule):
     """Hyper-parameters of ``train_depl.py`` (README command ``-w 0.1 -ep 300 -r``; τ, the 0.9 threshold and
     the 0.99 momentum are fixed in the script)."""
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
+from skcdf.methods.common import WeightSchedule
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step,
                                     pair_recipe, weighted_pair_losses)
 from skcdf.methods.plugin import Context
 
@@ -141,7 +142,7 @@ class DistDW:
 
 
 @dataclass
-class DHCConfig(PairConfig):
+class DHCConfig(WeightSchedule):
     """Hyper-parameters of DHC's ``train_dhc.py`` (values: DHC's README command, ``-w 0.1 -ep 300``;
     ``-r`` is on by default in this script). The DiffDW and DistDW momenta are fixed in the script."""
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import ReplayableDropout3d, dhc_to_skcdf_key, dice_ce, init_like_dhc, masked_cross_entropy
-from skcdf.methods.cps_pair import PairConfig
+from skcdf.methods.common import (ReplayableDropout3d, WeightSchedule, dhc_to_skcdf_key, dice_ce, init_like_dhc,
+                                  masked_cross_entropy)
 from skcdf.methods.plugin import Context, Recipe
 from skcdf.nn.vnet import Decoder, Encoder
 
@@ -125,9 +125,9 @@ def from_dhc_dst_state_dict(net: DecoupledVNet, state_dict: Mapping[str, Tensor]
 
 
 @dataclass
-class DSTConfig(PairConfig):
+class DSTConfig(WeightSchedule):
     """Hyper-parameters of ``train_dst.py`` (README command: ``-w 0.1 -ep 300 -r``, the weight and its ramp
-    as :class:`~skcdf.methods.cps_pair.PairConfig`'s; the GRL's are fixed in ``vnet_dst.py``)."""
+    as :class:`~skcdf.methods.common.WeightSchedule`'s; the GRL's are fixed in ``vnet_dst.py``)."""
 
     confidence_threshold: float = 0.95
     grl_alpha: float = 1.0
@@ -224,7 +224,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[DSTState, DSTConfig]:
     net_b = networks["B"]
-    config = DSTConfig(cps_weight=context.weight, max_epoch=context.max_epoch)
+    config = DSTConfig.for_context(context)
     return DSTState(net_b, context.new_optimizer(net_b)), config
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairConfig, PairLosses, PairState, cps_pair_step,
+from skcdf.methods.common import WeightSchedule
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step,
                                     pair_recipe, weighted_pair_losses)
 from skcdf.methods.crest import class_counts, running_weights
 
@@ -38,7 +39,7 @@ def simis_gaps(counts: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class SimiSConfig(PairConfig):
+class SimiSConfig(WeightSchedule):
     """Hyper-parameters of ``train_simis.py`` (README command ``-w 0.1 -ep 300 -r``; momentum fixed)."""
 
     momentum: float = 0.99

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import ReplayableDropout3d, dhc_to_skcdf_key, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.common import ReplayableDropout3d, WeightSchedule, dhc_to_skcdf_key, soft_dice_per_class
 from skcdf.methods.plugin import Context, Recipe
 from skcdf.nn.vnet import Decoder, Encoder
 
@@ -147,31 +147,23 @@ def from_dhc_ssnet_state_dict(net: SSNetVNet, state_dict: Mapping[str, Tensor]) 
 
 
 @dataclass
-class SSNetConfig:
+class SSNetConfig(WeightSchedule):
     """Hyper-parameters of DHC's ``train_ssnet.py``.
 
-    consistency_weight, max_epoch, rampup: ``-w``, ``-ep``, ``-r`` of DHC's README command
-    (``-w 0.1 -ep 300 -r``; the script's own defaults are ``-w 1 -ep 500`` without ramp-up);
-    rampup_length: ``-cr`` (None: max_epoch). The rest is fixed in the script: contrastive_weight (the 0.1
-    on the two contrastive terms inside λ), vat_xi / vat_epsilon / vat_iterations (``VAT3d(epi=10.0)``,
-    ξ = 10 and one power iteration by default), elements_per_class (``FeatureMemory(32)``), dice_smooth
-    (``SoftDiceLoss(smooth=1e-8, do_bg=True)``, used for the supervised and the VAT term).
+    The weight and its ramp: :class:`~skcdf.methods.common.WeightSchedule`'s, at DHC's README command
+    (``-w 0.1 -ep 300 -r``; the script's own defaults are ``-w 1 -ep 500`` without ramp-up). The rest is
+    fixed in the script: contrastive_weight (the 0.1 on the two contrastive terms inside λ), vat_xi /
+    vat_epsilon / vat_iterations (``VAT3d(epi=10.0)``, ξ = 10 and one power iteration by default),
+    elements_per_class (``FeatureMemory(32)``), dice_smooth (``SoftDiceLoss(smooth=1e-8, do_bg=True)``,
+    used for the supervised and the VAT term).
     """
 
-    consistency_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     contrastive_weight: float = 0.1
     vat_xi: float = 10.0
     vat_epsilon: float = 10.0
     vat_iterations: int = 1
     elements_per_class: int = 32
     dice_smooth: float = 1e-8
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.consistency_weight, self.max_epoch, self.rampup, self.rampup_length)
 
 
 @dataclass
@@ -367,7 +359,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[SSNetState, SSNetConfig]:
     state = SSNetState.create(context.num_classes, device=context.device, feature_dim=networks["net"].feature_dim)
-    return state, SSNetConfig(consistency_weight=context.weight, max_epoch=context.max_epoch)
+    return state, SSNetConfig.for_context(context)
 
 
 RECIPE = Recipe(_networks, inference=("net",), start=_start, step=ssnet_step, terms=LOSS_TERMS,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import DHCVNet, sigmoid_rampup, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.common import DHCVNet, WeightSchedule, sigmoid_rampup, soft_dice_per_class
 from skcdf.methods.plugin import Context, Recipe
 
 #: Loss terms returned by :func:`uamt_step`, the first four in DHC's names.
@@ -32,28 +32,20 @@ LOSS_TERMS = ("loss_ce", "loss_dice", "supervised_loss", "consistency_loss", "co
 
 
 @dataclass
-class UAMTConfig:
+class UAMTConfig(WeightSchedule):
     """Hyper-parameters of DHC's ``train_uamt.py`` (values: DHC's README command, ``-w 0.1 -ep 300 -r``).
 
-    consistency_weight: ``-w``; max_epoch: ``-ep``; rampup: ``-r``; rampup_length: ``-cr`` (None: max_epoch).
+    The weight and its ramp: :class:`~skcdf.methods.common.WeightSchedule`'s.
     ema_decay: the EMA's α cap; passes: T, teacher predictions averaged for the uncertainty (even);
     noise_std, noise_clip: the Gaussian input noise; threshold_classes: the class count whose maximum
     entropy (ln of it) scales the threshold — DHC keeps 2 from the binary original.
     """
 
-    consistency_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
     ema_decay: float = 0.99
     passes: int = 8
     noise_std: float = 0.1
     noise_clip: float = 0.2
     threshold_classes: int = 2
-
-    def weight_at(self, epoch: int) -> float:
-        """The consistency weight during ``epoch`` (DHC ramps once per epoch, one epoch late)."""
-        return weight_during_epoch(epoch, self.consistency_weight, self.max_epoch, self.rampup, self.rampup_length)
 
     def threshold_at(self, epoch: int) -> float:
         """The uncertainty threshold during ``epoch``: (0.75 + 0.25 · ramp(epoch, max_epoch)) · ln 2."""
@@ -141,7 +133,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[UAMTState, UAMTConfig]:
-    config = UAMTConfig(consistency_weight=context.weight, max_epoch=context.max_epoch)
+    config = UAMTConfig.for_context(context)
     return UAMTState(networks["teacher"]), config
 
 

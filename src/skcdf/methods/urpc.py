@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from skcdf.methods.common import ReplayableDropout3d, init_like_dhc, soft_dice_per_class, weight_during_epoch
+from skcdf.methods.common import ReplayableDropout3d, WeightSchedule, init_like_dhc, soft_dice_per_class
 from skcdf.methods.plugin import Context, Recipe
 
 #: Loss terms returned by :func:`urpc_step`, in DHC's names.
@@ -123,17 +123,8 @@ class UNet3DDeepSupervision(nn.Module):
 
 
 @dataclass
-class URPCConfig:
-    """Hyper-parameters of ``train_urpc.py`` (README command ``-w 0.1 -ep 300 -r``)."""
-
-    consistency_weight: float = 0.1
-    max_epoch: int = 300
-    rampup: bool = True
-    rampup_length: float | None = None
-
-    def weight_at(self, epoch: int) -> float:
-        """λ during ``epoch`` (ramped once per epoch, one epoch late, as in DHC)."""
-        return weight_during_epoch(epoch, self.consistency_weight, self.max_epoch, self.rampup, self.rampup_length)
+class URPCConfig(WeightSchedule):
+    """Hyper-parameters of ``train_urpc.py`` (README command ``-w 0.1 -ep 300 -r``): the weight and its ramp."""
 
 
 @dataclass
@@ -188,7 +179,7 @@ def _networks(in_channels: int, num_classes: int, filters: int, dropout: bool) -
 
 
 def _start(networks: dict[str, nn.Module], context: Context) -> tuple[URPCState, URPCConfig]:
-    return URPCState(), URPCConfig(consistency_weight=context.weight, max_epoch=context.max_epoch)
+    return URPCState(), URPCConfig.for_context(context)
 
 
 RECIPE = Recipe(_networks, inference=("net",), start=_start, step=urpc_step,
