@@ -93,6 +93,20 @@ def test_every_table1_method_trains_checkpoints_and_predicts(method, tiny_phanto
     assert labels.shape == volume.shape and labels.min() >= 0 and labels.max() < rebuilt.num_classes
 
 
+def test_at_method_weight_0_cps_depl_and_adsh_train_the_same_pair(tiny_phantom, tmp_path):
+    """CPS, DePL and Adsh differ only in their unlabeled term: at ``method_weight=0`` they train the same two
+    networks bit for bit, so one run is the labeled-only control of all three (docs/results.md §7)."""
+    def trained(method: str, weight: float) -> dict[str, torch.Tensor]:
+        config = tiny_config(variant=method, method_weight=weight)
+        return train(config, tiny_phantom, tmp_path / f"{method}_{weight}").state_dict()
+
+    control = trained("cps", 0.0)
+    _assert_same(control, trained("depl", 0.0))
+    _assert_same(control, trained("adsh", 0.0))
+    with_term = trained("depl", 0.1)
+    assert any(not torch.equal(control[name], with_term[name]) for name in control)
+
+
 @pytest.mark.parametrize("method", PLUGINS)
 def test_table1_methods_resume_bit_exactly(method, tiny_phantom, tmp_path, monkeypatch):
     """Interrupted in the second epoch and resumed from last.pt: the same networks, optimisers and method
