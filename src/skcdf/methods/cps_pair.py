@@ -7,7 +7,8 @@ by the other's pseudo-labels, and both take one SGD step on
 
 Only how the four terms are computed from the two outputs differs between the methods: each passes a
 :data:`PairLossFn` to :func:`cps_pair_step`. Also shared: the state holding B, its optimiser and the
-method's statistics (:class:`PairState`); each method's configuration extends
+method's statistics (:class:`PairState`), the running class weights of CReST and SimiS
+(:class:`RunningClassWeights`); each method's configuration extends
 :class:`~skcdf.methods.common.WeightSchedule` (the ramped weight λ).
 """
 
@@ -17,6 +18,7 @@ import functools
 from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -128,6 +130,47 @@ def vnet_pair(in_channels: int, num_classes: int, filters: int, dropout: bool,
 Statistics = Callable[[Any, Context], tuple[Any, ...]]
 
 
+def class_counts(labels: Tensor, num_classes: int) -> np.ndarray:
+    """Voxel count per class of an integer label map, float64 (K,)."""
+    return torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).numpy().astype(np.float64)
+
+
+class RunningClassWeights:
+    """One network's class weights (K,), moved every iteration by an EMA towards a statistic of its own
+    argmax counts (DHC's ``CReST`` and ``SimiS`` objects). A subclass sets the start and :meth:`target`."""
+
+    def __init__(self, weights: Tensor, momentum: float) -> None:
+        self.weights, self.momentum = weights, momentum
+
+    def target(self, counts: np.ndarray) -> Tensor:
+        """What the weights move towards, from argmax counts (K,) float32; in the weights' dtype."""
+        raise NotImplementedError
+
+    def update(self, logits: Tensor) -> Tensor:
+        """w ← m·w + (1 − m)·target(argmax counts of ``logits`` (b, K, …)); returns the weights."""
+        counts = class_counts(logits.detach().argmax(1), logits.shape[1]).astype(np.float32)
+        self.weights = self.momentum * self.weights + (1 - self.momentum) * self.target(counts)
+        return self.weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights.clone(), "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights = state["weights"].clone()
+        self.momentum = float(state["momentum"])
+
+
+def running_class_weights(weights_type: Callable[..., RunningClassWeights]) -> Statistics:
+    """The fresh statistics of a pair whose networks each keep running class weights:
+    ``weights_type(labeled class counts, config.momentum, device=...)`` for A and for B."""
+
+    def statistics(config: Any, context: Context) -> tuple[RunningClassWeights, ...]:
+        counts = context.labeled_class_counts.cpu().numpy()
+        return tuple(weights_type(counts, config.momentum, device=context.device) for _ in range(2))
+
+    return statistics
+
+
 def pair_recipe(state_type: type[PairState], config_type: type[WeightSchedule], step: Step,
                 statistics: Statistics = lambda config, context: (), terms: tuple[str, ...] = PAIR_LOSS_TERMS,
                 init_b: Callable[[Tensor], Any] = nn.init.xavier_normal_) -> Recipe:
@@ -144,5 +187,5 @@ def pair_recipe(state_type: type[PairState], config_type: type[WeightSchedule], 
                   step=step, terms=terms, supervised="sup", unsupervised="cps", weight="cps_w")
 
 
-__all__ = ["PAIR_LOSS_TERMS", "PairLossFn", "PairLosses", "PairState", "cps_pair_step",
-           "pair_recipe", "vnet_pair", "weighted_pair_losses"]
+__all__ = ["PAIR_LOSS_TERMS", "PairLossFn", "PairLosses", "PairState", "RunningClassWeights", "class_counts",
+           "cps_pair_step", "pair_recipe", "running_class_weights", "vnet_pair", "weighted_pair_losses"]

@@ -17,16 +17,14 @@ to float32 first), the initial ones in float64; the EMA runs in the weights' dty
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from skcdf.methods.common import WeightSchedule
-from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step,
-                                    Statistics, pair_recipe, weighted_pair_losses)
-from skcdf.methods.plugin import Context
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, RunningClassWeights, cps_pair_step,
+                                    pair_recipe, running_class_weights, weighted_pair_losses)
 
 #: Loss terms returned by :func:`crest_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -47,11 +45,6 @@ def crest_rates(counts: np.ndarray) -> np.ndarray:
     return weight
 
 
-def class_counts(labels: Tensor, num_classes: int) -> np.ndarray:
-    """Voxel count per class of an integer label map, float64 (K,)."""
-    return torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).numpy().astype(np.float64)
-
-
 @dataclass
 class CReSTConfig(WeightSchedule):
     """Hyper-parameters of ``train_crest.py`` (README command ``-w 0.1 -ep 300 -r``; momentum fixed)."""
@@ -59,29 +52,17 @@ class CReSTConfig(WeightSchedule):
     momentum: float = 0.99
 
 
-class CReSTWeights:
-    """One network's running class weights (DHC's ``CReST`` object)."""
+class CReSTWeights(RunningClassWeights):
+    """One network's running class weights (DHC's ``CReST`` object): the rates of the labeled counts, then
+    an EMA towards the rates of its argmax counts on the unlabeled batch."""
 
     def __init__(self, labeled_counts: np.ndarray, momentum: float = 0.99, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        self.momentum = momentum
-        self.weights = torch.as_tensor(crest_rates(np.asarray(labeled_counts, dtype=np.float64)), dtype=dtype,
-                                       device=device)
+        start = crest_rates(np.asarray(labeled_counts, dtype=np.float64))
+        super().__init__(torch.as_tensor(start, dtype=dtype, device=device), momentum)
 
-    def update(self, logits_unlabeled: Tensor) -> Tensor:
-        """EMA towards the rates of the argmax counts of ``logits_unlabeled`` (b, K, …); returns the weights."""
-        num_classes = logits_unlabeled.shape[1]
-        counts = class_counts(logits_unlabeled.detach().argmax(1), num_classes).astype(np.float32)
-        current = torch.as_tensor(crest_rates(counts), dtype=self.weights.dtype, device=self.weights.device)
-        self.weights = self.momentum * self.weights + (1 - self.momentum) * current
-        return self.weights
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.clone(), "momentum": self.momentum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights = state["weights"].clone()
-        self.momentum = float(state["momentum"])
+    def target(self, counts: np.ndarray) -> Tensor:
+        return torch.as_tensor(crest_rates(counts), dtype=self.weights.dtype, device=self.weights.device)
 
 
 @dataclass
@@ -110,15 +91,4 @@ def crest_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: CReS
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-def running_weights(weights_type: type) -> Statistics:
-    """The fresh statistics of a pair whose networks each keep running class weights, started from the
-    labeled cases' counts (CReST: :class:`CReSTWeights`, SimiS: ``SimiSWeights``)."""
-
-    def statistics(config: CReSTConfig, context: Context) -> tuple[Any, Any]:
-        counts = context.labeled_class_counts.cpu().numpy()
-        return tuple(weights_type(counts, config.momentum, device=context.device) for _ in range(2))
-
-    return statistics
-
-
-RECIPE = pair_recipe(CReSTState, CReSTConfig, crest_step, running_weights(CReSTWeights))
+RECIPE = pair_recipe(CReSTState, CReSTConfig, crest_step, running_class_weights(CReSTWeights))

@@ -17,16 +17,14 @@ by K in the weights' dtype; the initial ones in float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from skcdf.methods.common import WeightSchedule
-from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, cps_pair_step,
-                                    pair_recipe, weighted_pair_losses)
-from skcdf.methods.crest import class_counts, running_weights
+from skcdf.methods.cps_pair import (PAIR_LOSS_TERMS, PairLosses, PairState, RunningClassWeights, cps_pair_step,
+                                    pair_recipe, running_class_weights, weighted_pair_losses)
 
 #: Loss terms returned by :func:`simis_step`, in DHC's names.
 LOSS_TERMS = PAIR_LOSS_TERMS
@@ -45,30 +43,21 @@ class SimiSConfig(WeightSchedule):
     momentum: float = 0.99
 
 
-class SimiSWeights:
-    """One network's running class weights (DHC's ``SimiS`` object)."""
+class SimiSWeights(RunningClassWeights):
+    """One network's running class weights (DHC's ``SimiS`` object): one EMA step from K towards K·gaps of
+    the labeled counts, then an EMA towards K·gaps of its argmax counts on the whole batch."""
 
     def __init__(self, labeled_counts: np.ndarray, momentum: float = 0.99, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         counts = np.asarray(labeled_counts, dtype=np.float64)
-        self.num_classes, self.momentum = counts.shape[0], momentum
-        labeled = torch.as_tensor(simis_gaps(counts) * self.num_classes, dtype=dtype, device=device)
-        start = torch.full((self.num_classes,), float(self.num_classes), dtype=dtype, device=device)
-        self.weights = momentum * start + (1 - momentum) * labeled
+        num_classes = counts.shape[0]
+        labeled = torch.as_tensor(simis_gaps(counts) * num_classes, dtype=dtype, device=device)
+        start = torch.full((num_classes,), float(num_classes), dtype=dtype, device=device)
+        super().__init__(momentum * start + (1 - momentum) * labeled, momentum)
 
-    def update(self, logits: Tensor) -> Tensor:
-        """EMA towards K·gaps of the argmax counts of ``logits`` (b, K, …); returns the weights."""
-        counts = class_counts(logits.detach().argmax(1), self.num_classes).astype(np.float32)
-        current = torch.as_tensor(simis_gaps(counts), dtype=self.weights.dtype, device=self.weights.device)
-        self.weights = self.momentum * self.weights + (1 - self.momentum) * (current * self.num_classes)
-        return self.weights
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.clone(), "momentum": self.momentum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights = state["weights"].clone()
-        self.num_classes, self.momentum = self.weights.shape[0], float(state["momentum"])
+    def target(self, counts: np.ndarray) -> Tensor:
+        gaps = torch.as_tensor(simis_gaps(counts), dtype=self.weights.dtype, device=self.weights.device)
+        return gaps * self.weights.shape[0]  # times K in the weights' dtype, as DHC
 
 
 @dataclass
@@ -96,4 +85,4 @@ def simis_step(net_a: nn.Module, optimizer_a: torch.optim.Optimizer, state: Simi
     return cps_pair_step(net_a, optimizer_a, state, x_labeled, x_unlabeled, config.weight_at(epoch), losses)
 
 
-RECIPE = pair_recipe(SimiSState, SimiSConfig, simis_step, running_weights(SimiSWeights))
+RECIPE = pair_recipe(SimiSState, SimiSConfig, simis_step, running_class_weights(SimiSWeights))
