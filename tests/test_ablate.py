@@ -7,9 +7,11 @@ import json
 
 import pytest
 
+import skcdf.ablate as ablate
 import skcdf.train.trainer as trainer
 from skcdf.ablate import AblationRow, plan_rows, run_ablation
 from skcdf.report import load_summary
+from skcdf.train.config import load_config
 from tests.conftest import TINY_SETTINGS
 
 
@@ -27,6 +29,26 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
 
 class Interrupted(Exception):
     """Stands for Ctrl-C (a real KeyboardInterrupt would stop pytest itself)."""
+
+
+def test_controls_follow_each_table1_method_and_train_it_without_the_unlabeled_term(tmp_path, monkeypatch):
+    rows = plan_rows(["labeled_only", "cps", "full"], controls=True)
+    assert [(row.title, row.run_name) for row in rows] == [
+        ("Labeled only (VNet)", "labeled_only"), ("CPS", "cps"), ("CPS, no unlabeled term", "cps_method_weight-0"),
+        ("SKCDF", "full")]  # SKCDF's variants have no such control
+    todo = {}
+
+    def record(preset, data, runs, jobs):
+        todo.update(runs)
+        raise Interrupted
+
+    monkeypatch.setattr(ablate, "train_runs", record)
+    with pytest.raises(Interrupted):
+        run_ablation("phantom", tmp_path, tmp_path / "abl", rows[1:3], seeds=[0], overrides=["method_weight=0.3"],
+                     jobs=2)
+    settings = todo[tmp_path / "abl" / "cps_method_weight-0" / "seed0"]
+    assert load_config("phantom", settings).method_weight == 0  # the row's setting wins over --set
+    assert load_config("phantom", todo[tmp_path / "abl" / "cps" / "seed0"]).method_weight == 0.3
 
 
 def test_ablation_resumes_after_an_interruption(tiny_phantom, tmp_path, monkeypatch):

@@ -205,3 +205,23 @@ def test_cli_on_an_ablation_folder_compares_every_row_with_labeled_only(tmp_path
     assert (out / "comparison.csv").is_file()
     # the same files as `skcdf ablate` writes
     assert write_ablation_comparison(out, ablation_methods(out)) == out / "comparison.md"
+
+
+def test_an_ablation_with_controls_also_compares_each_method_with_its_own_control(tmp_path):
+    data = _prepared(tmp_path / "data")
+    out = tmp_path / "abl"
+    for seed in (0, 1):
+        _evaluation(out / "labeled_only" / f"seed{seed}" / "eval-unlabeled", A_DICE, "Labeled only", gt=data)
+        _evaluation(out / "cps" / f"seed{seed}" / "eval-unlabeled", B_DICE, "CPS", gt=data)
+        _evaluation(out / "cps_method_weight-0" / f"seed{seed}" / "eval-unlabeled", B_DICE, "CPS, no unlabeled term",
+                    gt=data)
+        _evaluation(out / "depl" / f"seed{seed}" / "eval-unlabeled", A_DICE, "DePL", gt=data)  # no control
+    markdown = write_ablation_comparison(out, ablation_methods(out), data)
+    with (out / "comparison.csv").open() as handle:
+        lines = [line for line in csv.DictReader(handle) if line["group"] == "all"]
+    assert [(line["method_b"], line["method_a"]) for line in lines] == [
+        ("CPS", "Labeled only"), ("CPS, no unlabeled term", "Labeled only"), ("DePL", "Labeled only"),
+        ("CPS", "CPS, no unlabeled term")]
+    assert float(lines[0]["diff"]) > 0 and float(lines[3]["diff"]) == 0  # the control scored as CPS here
+    assert "against Labeled only, and each method against its own control" in markdown.read_text()
+

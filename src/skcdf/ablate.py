@@ -28,6 +28,10 @@ from skcdf.utils import InputError, atomic_write_text
 #: Table 5: knowledge-transfer orders (H→D, D→H→H, H→H→D, H→D→H; plain D is the +DF row).
 EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
 
+#: What turns a Table 1 method into its own control (``--controls``): the same networks, supervised loss,
+#: batches and test-time rule, without the unlabeled term.
+CONTROL = {"method_weight": 0}
+
 @dataclass
 class AblationRow:
     """One row of an ablation table: ``title``, the training overrides and the inference decoder."""
@@ -45,11 +49,17 @@ class AblationRow:
 
 
 def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bool = False,
-              mask_modes: bool = False) -> list[AblationRow]:
-    """The rows to run: the given variants, then optionally Table 5's EMA orders, Table 4's labeled
-    decoder, and the `exclude` balanced-mask mode (all on the full SKCDF)."""
+              mask_modes: bool = False, controls: bool = False) -> list[AblationRow]:
+    """The rows to run: the given variants, each Table 1 method followed by its control when ``controls``
+    (:data:`CONTROL`), then optionally Table 5's EMA orders, Table 4's labeled decoder, and the `exclude`
+    balanced-mask mode (all on the full SKCDF)."""
     main = methods.method(methods.MAIN)
-    rows = [AblationRow(methods.title(v), {"variant": v}) for v in variants]
+    plugins = methods.plugin_names() if controls else []
+    rows = []
+    for variant in variants:
+        rows.append(AblationRow(methods.title(variant), {"variant": variant}))
+        if variant in plugins:  # not SKCDF's variants: their unlabeled decoder learns from the unlabeled term only
+            rows.append(AblationRow(f"{methods.title(variant)}, no unlabeled term", {"variant": variant, **CONTROL}))
     if ema_orders:
         rows += [AblationRow(f"{main.title}, EMA {order}",
                              {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
@@ -157,6 +167,11 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     return table
 
 
+def control_run(variant: str) -> str:
+    """The run name of ``variant``'s control (:data:`CONTROL`), e.g. ``cps_method_weight-0``."""
+    return AblationRow("", {"variant": variant, **CONTROL}).run_name
+
+
 def variant_name(run_name: str, decoder: str) -> str:
     """A row's name in ablation.csv: its run, with ``@<decoder>-decoder`` for a decoder other than D_u."""
     return run_name + ("" if decoder == "unlabeled" else f"@{decoder}-decoder")
@@ -178,14 +193,18 @@ def ablation_methods(out: str | Path) -> dict[str, Method]:
 
 def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | Path | None = None) -> Path:
     """``OUT/comparison.md`` and ``.csv``: every method against labeled-only when there is one (else the
-    first), paired over the test cases of the seeds both ran. Class groups from ``data`` (see
-    :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
+    first), then each method that has a control (:func:`control_run`) against it; paired over the test
+    cases of the seeds both ran. Class groups from ``data`` (see :func:`skcdf.compare.groups_for`).
+    Returns the Markdown file."""
     reference_key = methods.REFERENCE if methods.REFERENCE in found else next(iter(found))
     reference = found[reference_key]
     others = [method for key, method in found.items() if key != reference_key]
     rows = compare_to_reference(reference, others, data)
-    heading = f"# Paired comparison against {reference.name} (`{Path(out)}`)"
-    return write_comparison(out, rows, heading)
+    controlled = [(found[control_run(key)], method) for key, method in found.items() if control_run(key) in found]
+    for control, method in controlled:
+        rows += compare_to_reference(control, [method], data)
+    also = ", and each method against its own control" if controlled else ""
+    return write_comparison(out, rows, f"# Paired comparison against {reference.name}{also} (`{Path(out)}`)")
 
 
 def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:

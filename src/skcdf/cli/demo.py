@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-orders", action="store_true", help="add Table 5's knowledge-transfer orders")
     p.add_argument("--decoders", action="store_true", help="add Table 4's labeled-decoder inference")
     p.add_argument("--mask-modes", action="store_true", help="add the `exclude` balanced-mask mode")
+    p.add_argument("--controls", action="store_true",
+                   help="add each Table 1 method's control: the same run at method_weight=0 (no unlabeled term), "
+                        "compared with the method in OUT/comparison.md")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="configuration override for every run (repeatable)")
     p.add_argument("--jobs", type=int, default=1,
@@ -58,7 +61,8 @@ def _ablate(args: argparse.Namespace) -> int:
     from skcdf.methods import expand
     from skcdf.utils import InputError
 
-    rows = plan_rows(expand(args.variants), ema_orders=args.ema_orders, decoders=args.decoders, mask_modes=args.mask_modes)
+    rows = plan_rows(expand(args.variants), ema_orders=args.ema_orders, decoders=args.decoders,
+                     mask_modes=args.mask_modes, controls=args.controls)
     try:
         if args.jobs < 1:
             raise InputError(f"--jobs must be >= 1, got {args.jobs}")
