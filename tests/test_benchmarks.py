@@ -65,3 +65,37 @@ def test_balanced_gradient_measures_the_reference_modes_scaled_down_gradient(tin
     assert all(0 < kept < 0.1 for kept in results["kept"])
     assert all(ratio > 10 for ratio in results["ratio"])
     assert all(abs(value - (math.log(14) + 1)) < 0.02 for value in results["reference"])
+
+
+def test_pair_members_predicts_with_each_network_of_a_pair_alone(tiny_phantom, tmp_path, monkeypatch):
+    """benchmarks/pair_members.py: the pair's model predicts with network A, then with B, each alone (its
+    logits are that network's), evaluations land in eval-A and eval-B, and a one-network run is refused."""
+    import torch
+
+    from skcdf.train.trainer import train
+    from skcdf.utils import InputError
+    from tests.conftest import tiny_config
+
+    spec = importlib.util.spec_from_file_location("pair_members", BENCHMARKS / "pair_members.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train(tiny_config(variant="cps", epochs=1), tiny_phantom, tmp_path / "cps")
+    real_predict, used = module.predict_dataset, []
+
+    def checked_predict(model, *args, **kwargs):
+        (name,) = model.recipe.inference
+        x = torch.rand(1, 1, 32, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x)[0], model.networks[name](x))
+        used.append(name)
+        return real_predict(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "predict_dataset", checked_predict)
+    dice = module.evaluate_members(tmp_path / "cps", tiny_phantom)
+    assert used == ["A", "B"] and set(dice) == {"A", "B"} and all(0 <= d <= 100 for d in dice.values())
+    assert all((tmp_path / "cps" / f"eval-{name}" / "per_case.csv").is_file() for name in "AB")
+    assert module.evaluate_members(tmp_path / "cps", tiny_phantom) == dice and used == ["A", "B"]  # reused
+
+    train(tiny_config(variant="uamt", epochs=1), tiny_phantom, tmp_path / "uamt")
+    with pytest.raises(InputError, match="uamt: not a run of a Table 1 method that averages"):
+        module.evaluate_members(tmp_path / "uamt", tiny_phantom)

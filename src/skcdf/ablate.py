@@ -32,6 +32,7 @@ EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
 #: batches and test-time rule, without the unlabeled term.
 CONTROL = {"method_weight": 0}
 
+
 @dataclass
 class AblationRow:
     """One row of an ablation table: ``title``, the training overrides and the inference decoder."""
