@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 from skcdf.checkpoint import load_model
-from skcdf.evaluation import evaluate_folders
-from skcdf.infer import InferenceSettings
 from skcdf.methods.plugin import MethodNet
-from skcdf.predict import predict_dataset
+from skcdf.predict import predict_and_evaluate
 from skcdf.utils import InputError
 
 
@@ -39,10 +37,8 @@ def evaluate_members(run: Path, data: Path, split: str = "test") -> dict[str, fl
         evaluation = run / f"eval-{name}"
         if not (evaluation / "summary.json").is_file():
             model.recipe = dataclasses.replace(pair, inference=(name,))
-            result = predict_dataset(model, data, run / f"pred-{name}", preprocessing, InferenceSettings(), split=split)
-            if result.failures:
-                raise RuntimeError(f"{run}: prediction failed for {result.failures}")
-            evaluate_folders(run / f"pred-{name}", data, evaluation, split=split, name=f"{run} network {name}")
+            predict_and_evaluate(model, data, run / f"pred-{name}", evaluation, preprocessing, f"{run} network {name}",
+                                 split=split)
         dice[name] = json.loads((evaluation / "summary.json").read_text())["average"]["dice"]
     return dice
 

@@ -80,7 +80,7 @@ def test_pair_members_predicts_with_each_network_of_a_pair_alone(tiny_phantom, t
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     train(tiny_config(variant="cps", epochs=1), tiny_phantom, tmp_path / "cps")
-    real_predict, used = module.predict_dataset, []
+    real_predict, used = module.predict_and_evaluate, []
 
     def checked_predict(model, *args, **kwargs):
         (name,) = model.recipe.inference
@@ -90,7 +90,7 @@ def test_pair_members_predicts_with_each_network_of_a_pair_alone(tiny_phantom, t
         used.append(name)
         return real_predict(model, *args, **kwargs)
 
-    monkeypatch.setattr(module, "predict_dataset", checked_predict)
+    monkeypatch.setattr(module, "predict_and_evaluate", checked_predict)
     dice = module.evaluate_members(tmp_path / "cps", tiny_phantom)
     assert used == ["A", "B"] and set(dice) == {"A", "B"} and all(0 <= d <= 100 for d in dice.values())
     assert all((tmp_path / "cps" / f"eval-{name}" / "per_case.csv").is_file() for name in "AB")

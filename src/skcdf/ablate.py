@@ -211,15 +211,10 @@ def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | P
 def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:
     """Predict the test split with the row's decoder and evaluate it into ``evaluation``."""
     from skcdf.checkpoint import load_model
-    from skcdf.evaluation import evaluate_folders
     from skcdf.infer import InferenceSettings
-    from skcdf.predict import predict_dataset
+    from skcdf.predict import predict_and_evaluate
 
     print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({row.decoder} decoder)", flush=True)
     model, preprocessing = load_model(run)
-    predictions = run / f"pred-{row.decoder}"
-    result = predict_dataset(model, data, predictions, preprocessing, InferenceSettings(decoder=row.decoder),
-                             split="test")
-    if result.failures:
-        raise RuntimeError(f"{run}: prediction failed for {result.failures}")
-    evaluate_folders(predictions, data, evaluation, split="test", name=row.title)
+    predict_and_evaluate(model, data, run / f"pred-{row.decoder}", evaluation, preprocessing, row.title,
+                         InferenceSettings(decoder=row.decoder))

@@ -154,9 +154,9 @@ def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, see
     from skcdf.data.layout import load_image, load_label, read_dataset_info, read_split
     from skcdf.data.phantom import generate_phantom
     from skcdf.device import resolve_device
-    from skcdf.evaluation import evaluate_folders, read_label_file
+    from skcdf.evaluation import read_label_file
     from skcdf.parallel import available_cores
-    from skcdf.predict import predict_dataset
+    from skcdf.predict import predict_and_evaluate
     from skcdf.viz import overlay_png, plot_curves
 
     out = Path(out)
@@ -183,10 +183,8 @@ def run_demo(out: str | Path = "demo_out", minutes: float = DEFAULT_MINUTES, see
     _log("3/5 predict and 4/5 evaluate: sliding window over the test cases, Dice and ASD per class")
     for run in runs:
         model, preprocessing = load_model(out / run.run)
-        summary = predict_dataset(model, data, out / run.predictions, preprocessing, split="test")
-        if summary.failures:
-            raise RuntimeError(f"prediction failed for {len(summary.failures)} case(s): {summary.failures}")
-        evaluate_folders(out / run.predictions, data, out / run.evaluation, split="test", name=run.method.demo_title)
+        predict_and_evaluate(model, data, out / run.predictions, out / run.evaluation, preprocessing,
+                             run.method.demo_title)
 
     _log("5/5 pictures and report")
     run = out / "run"

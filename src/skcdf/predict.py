@@ -26,6 +26,7 @@ from skcdf.data.layout import is_prepared_dataset, load_geometry, load_image, re
 from skcdf.data.preprocess import read_image
 from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
 from skcdf.dicomweb import is_dicomweb_url, predict_url
+from skcdf.evaluation import evaluate_folders
 from skcdf.infer import (InferenceSettings, Network, argmax_labels, labels_in_original_space, overlap_for_stride,
                          place, predict_image, predict_scan, volume_probabilities)
 from skcdf.utils import InputError, atomic_path, check_output_folder
@@ -198,6 +199,18 @@ def predict_dataset(
         return written
 
     return _for_each_case(read_split(root, split), predict_case)
+
+
+def predict_and_evaluate(model: Network, root: str | Path, predictions: str | Path, evaluation: str | Path,
+                         preprocessing: Mapping, name: str, settings: InferenceSettings = InferenceSettings(),
+                         split: str = "test") -> None:
+    """Predict ``split`` of a prepared data set into ``predictions`` (:func:`predict_dataset`) and evaluate
+    it against the prepared labels into ``evaluation``, titled ``name``. A case that could not be predicted
+    is an error here: the evaluation would silently score fewer cases."""
+    summary = predict_dataset(model, root, predictions, preprocessing, settings, split)
+    if summary.failures:
+        raise RuntimeError(f"{predictions}: prediction failed for {len(summary.failures)} case(s): {summary.failures}")
+    evaluate_folders(predictions, root, evaluation, split=split, name=name)
 
 
 def predict_path(
