@@ -214,7 +214,9 @@ def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Pa
     from skcdf.infer import InferenceSettings
     from skcdf.predict import predict_and_evaluate
 
-    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({row.decoder} decoder)", flush=True)
+    plugin = methods.method(row.overrides.get("variant", methods.MAIN)).step == "plugin"
+    rule = "its test-time rule" if plugin else f"{row.decoder} decoder"  # a plug-in has no decoder to choose
+    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule})", flush=True)
     model, preprocessing = load_model(run)
     predict_and_evaluate(model, data, run / f"pred-{row.decoder}", evaluation, preprocessing, row.title,
                          InferenceSettings(decoder=row.decoder))
