@@ -4,7 +4,7 @@
                                     [--variants fp32 bf16 bf16_cl compiled graphed] [--jsonl FILE]
 
 For each configuration (paper: the `synapse_20p` preset, patch 64x128x128, 2+2 volumes, 32 filters;
-phantom: the `phantom` preset of the CPU demo; toy: the phantom preset at patch 32x32x32 and 4
+phantom: the `phantom` preset of the CPU demo; phantom_tiny: the preset of the results tables (patch 32³, 8 filters); toy: the phantom preset at patch 32x32x32 and 4
 filters, for smoke runs; all with K = 14 classes), device and variant, it reports the median
 milliseconds per iteration, the peak memory and the loss of the first timed iteration, for skcdf's
 step and (with ``--straightforward``) for a straightforward implementation of the same step in the
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
 
 # name -> (training preset, overrides)
-CONFIGS = {"paper": ("synapse_20p", []), "phantom": ("phantom", []),
+CONFIGS = {"paper": ("synapse_20p", []), "phantom": ("phantom", []), "phantom_tiny": ("phantom_tiny", []),
            "toy": ("phantom", ["patch_size=[32,32,32]", "filters=4"])}
 VARIANTS = ("fp32", "bf16", "bf16_cl", "compiled", "graphed")
 NUM_CLASSES = 14

@@ -97,7 +97,7 @@ class InferenceSettings:
         blend: ``"constant"`` (equal weights, as the reference) or ``"gaussian"`` (centre-weighted).
         tta: also average over the in-plane flips used in training (up to 4 forward passes per
             window), keeping left and right as the checkpoint's ``flips`` mode says (:func:`tta_flips`).
-        amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; CPU always runs fp32.
+        amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; prediction on the CPU always runs fp32.
     """
 
     decoder: Decoder = "unlabeled"
@@ -206,7 +206,7 @@ def sliding_window_probabilities(
     def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
         total = None
         for flip in flips:
-            with autocast(volume.device, amp):
+            with autocast(volume.device, amp and volume.device.type == "cuda"):
                 logits = model_fn(_flip(windows, flip.dims))
             probabilities = _unflip(torch.softmax(logits.float(), dim=1), flip)
             total = probabilities if total is None else total + probabilities

@@ -4,9 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from skcdf.methods import METHODS
+from skcdf import device as devices
 from skcdf.device import hardware_settings as device_settings
 from skcdf.train.config import (DEFAULTS, KEYS, load_config, parse_overrides, preset_names,
                                 resolve_config)
@@ -96,17 +98,21 @@ def hardware_settings(config, device_type):
     return device_settings(config.amp, config.channels_last, device_type)
 
 
-def test_hardware_settings_auto_means_on_for_cuda_only():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_hardware_settings_auto_means_on_for_cuda_and_bf16_cpus(native_bf16, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     auto = load_config("synapse_20p")
     assert (auto.amp, auto.channels_last) == ("auto", "auto")
     assert hardware_settings(auto, "cuda") == {"amp": True, "channels_last": True}
-    assert hardware_settings(auto, "cpu") == hardware_settings(auto, "mps") == {"amp": False, "channels_last": False}
-    fp32 = load_config("synapse_20p", ["amp=false"])  # exact reference reproduction on CUDA
+    assert hardware_settings(auto, "cpu") == {"amp": native_bf16, "channels_last": native_bf16}
+    assert hardware_settings(auto, "mps") == {"amp": False, "channels_last": False}
+    fp32 = load_config("synapse_20p", ["amp=false"])  # exact reference reproduction
     assert hardware_settings(fp32, "cuda") == {"amp": False, "channels_last": True}
     explicit = load_config("synapse_20p", ["amp=false", "channels_last=true"])
     assert hardware_settings(explicit, "cpu") == {"amp": False, "channels_last": True}
-    with pytest.raises(InputError, match="amp \\(mixed precision\\) needs a CUDA device, the run uses cpu"):
-        hardware_settings(load_config("synapse_20p", ["amp=true"]), "cpu")
+    assert hardware_settings(load_config("synapse_20p", ["amp=true"]), "cpu")["amp"] is True
+    with pytest.raises(InputError, match="amp \\(mixed precision\\) needs a CUDA device or the CPU, the run uses mps"):
+        hardware_settings(load_config("synapse_20p", ["amp=true"]), "mps")
 
 
 def test_unknown_preset_and_bad_file(tmp_path):

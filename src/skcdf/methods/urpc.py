@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from skcdf.device import fp32_where_cpu_bf16_fails
 from skcdf.methods.common import ReplayableDropout3d, WeightSchedule, init_like_dhc, soft_dice_per_class
 from skcdf.methods.plugin import Context, Recipe
 
@@ -41,7 +42,7 @@ class _DoubleConv(nn.Module):
                                    nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.conv1(x))
+        return fp32_where_cpu_bf16_fails(lambda x: self.conv2(self.conv1(x)), x)
 
 
 class _Up(nn.Module):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from skcdf.device import fp32_where_cpu_bf16_fails
+
 #: Conv layers per encoder stage and per decoder stage (SPEC §1.1, §1.2).
 ENCODER_DEPTHS = (1, 2, 3, 3, 3)
 DECODER_DEPTHS = (3, 3, 2, 1)
@@ -26,6 +28,9 @@ class ConvStack(nn.Sequential):
                 nn.ReLU(inplace=True),
             ]
         super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp32_where_cpu_bf16_fails(super().forward, x)
 
 
 class Resample(nn.Sequential):

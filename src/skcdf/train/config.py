@@ -202,8 +202,9 @@ class Config:
     log_every: int = _key(10, "iterations between progress updates and NaN checks", _integer(1), runtime=True)
     # hardware
     device: str = _key("auto", "auto, cpu, cuda, cuda:N or mps", _device, runtime=True)
-    amp: bool | str = _key("auto", "mixed precision (auto: on for CUDA; skcdf.device)", _auto_boolean)
-    channels_last: bool | str = _key("auto", "channels_last_3d (auto: on for CUDA)", _auto_boolean, runtime=True)
+    amp: bool | str = _key("auto", "mixed precision (auto: on for CUDA and CPUs with native bf16; skcdf.device)",
+                           _auto_boolean)
+    channels_last: bool | str = _key("auto", "channels_last_3d (auto: with amp auto)", _auto_boolean, runtime=True)
     compile: bool = _key(False, "torch.compile the training forward", _boolean, runtime=True)
     sync_batchnorm: bool = _key(False, "synchronise BatchNorm across processes", _boolean)
 

@@ -216,6 +216,8 @@ def _log_start(run: Run) -> None:
     unlabeled = len(run.data.unlabeled.dataset) if run.data.unlabeled is not None else 0
     labeled = len(run.data.labeled.dataset)
     precision = f"{str(devices.amp_dtype(run.device)).removeprefix('torch.')} autocast" if run.amp else "fp32"
+    if run.amp and run.device.type == "cpu":
+        precision += " (this CPU has native bf16" + (")" if run.config.amp is True else ": amp auto turns it on)")
     run.log.info(f"{'resuming at' if resuming else 'starting'} epoch {run.start_epoch}: variant {run.config.variant}, "
                  f"{labeled} labeled / {unlabeled} unlabeled cases, {run.data.iterations_per_epoch} iterations per "
                  f"epoch, {run.procs.world} process(es) on {run.device} ({precision}"
