@@ -31,11 +31,11 @@ class Interrupted(Exception):
     """Stands for Ctrl-C (a real KeyboardInterrupt would stop pytest itself)."""
 
 
-def test_controls_follow_each_table1_method_and_train_it_without_the_unlabeled_term(tmp_path, monkeypatch):
+def test_controls_follow_each_semi_supervised_method_and_train_it_without_the_unlabeled_term(tmp_path, monkeypatch):
     rows = plan_rows(["labeled_only", "cps", "full"], controls=True)
     assert [(row.title, row.run_name) for row in rows] == [
         ("Labeled only (VNet)", "labeled_only"), ("CPS", "cps"), ("CPS, no unlabeled term", "cps_method_weight-0"),
-        ("SKCDF", "full")]  # SKCDF's variants have no such control
+        ("SKCDF", "full"), ("SKCDF, no unlabeled term", "full_lambda_u-0")]  # labeled-only has no control
     todo = {}
 
     def record(preset, data, runs, jobs):
@@ -44,11 +44,13 @@ def test_controls_follow_each_table1_method_and_train_it_without_the_unlabeled_t
 
     monkeypatch.setattr(ablate, "train_runs", record)
     with pytest.raises(Interrupted):
-        run_ablation("phantom", tmp_path, tmp_path / "abl", rows[1:3], seeds=[0], overrides=["method_weight=0.3"],
-                     jobs=2)
-    settings = todo[tmp_path / "abl" / "cps_method_weight-0" / "seed0"]
-    assert load_config("phantom", settings).method_weight == 0  # the row's setting wins over --set
-    assert load_config("phantom", todo[tmp_path / "abl" / "cps" / "seed0"]).method_weight == 0.3
+        run_ablation("phantom", tmp_path, tmp_path / "abl", rows[1:], seeds=[0],
+                     overrides=["method_weight=0.3", "lambda_u=5"], jobs=2)
+    settings = {run: load_config("phantom", todo[tmp_path / "abl" / run / "seed0"])
+                for run in ("cps", "cps_method_weight-0", "full", "full_lambda_u-0")}
+    assert settings["cps_method_weight-0"].method_weight == 0  # the row's setting wins over --set
+    assert settings["cps"].method_weight == 0.3
+    assert settings["full_lambda_u-0"].lambda_u == 0 and settings["full"].lambda_u == 5
 
 
 def test_ablation_resumes_after_an_interruption(tiny_phantom, tmp_path, monkeypatch):

@@ -216,12 +216,17 @@ def test_an_ablation_with_controls_also_compares_each_method_with_its_own_contro
         _evaluation(out / "cps_method_weight-0" / f"seed{seed}" / "eval-unlabeled", B_DICE, "CPS, no unlabeled term",
                     gt=data)
         _evaluation(out / "depl" / f"seed{seed}" / "eval-unlabeled", A_DICE, "DePL", gt=data)  # no control
+        _evaluation(out / "full" / f"seed{seed}" / "eval-unlabeled", B_DICE, "SKCDF", gt=data)
+        _evaluation(out / "full_lambda_u-0" / f"seed{seed}" / "eval-unlabeled", A_DICE, "SKCDF, no unlabeled term",
+                    gt=data)
     markdown = write_ablation_comparison(out, ablation_methods(out), data)
     with (out / "comparison.csv").open() as handle:
         lines = [line for line in csv.DictReader(handle) if line["group"] == "all"]
     assert [(line["method_b"], line["method_a"]) for line in lines] == [
         ("CPS", "Labeled only"), ("CPS, no unlabeled term", "Labeled only"), ("DePL", "Labeled only"),
-        ("CPS", "CPS, no unlabeled term")]
-    assert float(lines[0]["diff"]) > 0 and float(lines[3]["diff"]) == 0  # the control scored as CPS here
+        ("SKCDF", "Labeled only"), ("SKCDF, no unlabeled term", "Labeled only"),
+        ("CPS", "CPS, no unlabeled term"), ("SKCDF", "SKCDF, no unlabeled term")]
+    assert float(lines[0]["diff"]) > 0 and float(lines[5]["diff"]) == 0  # the control scored as CPS here
+    assert float(lines[6]["diff"]) == float(lines[0]["diff"])  # SKCDF's control scored as labeled-only
     assert "against Labeled only, and each method against its own control" in markdown.read_text()
 

@@ -28,10 +28,6 @@ from skcdf.utils import InputError, atomic_write_text
 #: Table 5: knowledge-transfer orders (H→D, D→H→H, H→H→D, H→D→H; plain D is the +DF row).
 EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
 
-#: What turns a Table 1 method into its own control (``--controls``): the same networks, supervised loss,
-#: batches and test-time rule, without the unlabeled term.
-CONTROL = {"method_weight": 0}
-
 
 @dataclass
 class AblationRow:
@@ -51,16 +47,17 @@ class AblationRow:
 
 def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bool = False,
               mask_modes: bool = False, controls: bool = False) -> list[AblationRow]:
-    """The rows to run: the given variants, each Table 1 method followed by its control when ``controls``
-    (:data:`CONTROL`), then optionally Table 5's EMA orders, Table 4's labeled decoder, and the `exclude`
+    """The rows to run: the given variants, each semi-supervised one followed by its control when ``controls``
+    (:attr:`skcdf.methods.Method.control`: a Table 1 method at ``method_weight: 0``, an SKCDF variant at
+    ``lambda_u: 0``), then optionally Table 5's EMA orders, Table 4's labeled decoder, and the `exclude`
     balanced-mask mode (all on the full SKCDF)."""
     main = methods.method(methods.MAIN)
-    plugins = methods.plugin_names() if controls else []
     rows = []
     for variant in variants:
         rows.append(AblationRow(methods.title(variant), {"variant": variant}))
-        if variant in plugins:  # not SKCDF's variants: their unlabeled decoder learns from the unlabeled term only
-            rows.append(AblationRow(f"{methods.title(variant)}, no unlabeled term", {"variant": variant, **CONTROL}))
+        control = methods.METHODS[variant].control if controls and variant in methods.METHODS else None
+        if control is not None:
+            rows.append(AblationRow(f"{methods.title(variant)}, no unlabeled term", {"variant": variant, **control}))
     if ema_orders:
         rows += [AblationRow(f"{main.title}, EMA {order}",
                              {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
@@ -168,9 +165,11 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     return table
 
 
-def control_run(variant: str) -> str:
-    """The run name of ``variant``'s control (:data:`CONTROL`), e.g. ``cps_method_weight-0``."""
-    return AblationRow("", {"variant": variant, **CONTROL}).run_name
+def control_run(variant: str) -> str | None:
+    """The run name of ``variant``'s control, e.g. ``cps_method_weight-0``, ``full_lambda_u-0``; None for a
+    run name that is no registered method, or a method without a control."""
+    control = methods.METHODS[variant].control if variant in methods.METHODS else None
+    return None if control is None else AblationRow("", {"variant": variant, **control}).run_name
 
 
 def variant_name(run_name: str, decoder: str) -> str:
@@ -201,7 +200,7 @@ def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | P
     reference = found[reference_key]
     others = [method for key, method in found.items() if key != reference_key]
     rows = compare_to_reference(reference, others, data)
-    controlled = [(found[control_run(key)], method) for key, method in found.items() if control_run(key) in found]
+    controlled = [(found[control], method) for key, method in found.items() if (control := control_run(key)) in found]
     for control, method in controlled:
         rows += compare_to_reference(control, [method], data)
     also = ", and each method against its own control" if controlled else ""

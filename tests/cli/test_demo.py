@@ -16,7 +16,7 @@ def test_ablate_defaults_to_the_registry_rows(tmp_path, monkeypatch):
     (preset, data, out, rows, seeds, overrides) = planned[0][:6]
     assert [row.run_name for row in rows] == ["df"] and seeds == [3]
     assert main(["ablate", "phantom", "--data", "d", "--out", "o", "--variants", "cps", "df", "--controls"]) == 0
-    assert [row.run_name for row in planned[1][3]] == ["cps", "cps_method_weight-0", "df"]
+    assert [row.run_name for row in planned[1][3]] == ["cps", "cps_method_weight-0", "df", "df_lambda_u-0"]
 
 
 def test_ablate_refuses_no_jobs(capsys):

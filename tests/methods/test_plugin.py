@@ -13,7 +13,9 @@ import torch
 from skcdf import Segmenter, methods
 from skcdf.checkpoint import load_checkpoint, load_model
 from skcdf.methods.plugin import Context, MethodNet, MethodTraining, recipe
+from skcdf.data.layout import read_split
 from skcdf.train.trainer import train
+from skcdf.utils import InputError
 from tests.conftest import tiny_config
 
 PLUGINS = methods.plugin_names()
@@ -158,3 +160,62 @@ def test_a_table1_method_exports_to_onnx_with_its_test_time_rule(tmp_path):
     with torch.no_grad():
         expected = model(x)[0]
     torch.testing.assert_close(onnx_model.logits_fn("unlabeled")(x), expected, rtol=1e-4, atol=1e-4)
+
+
+WITHOUT_UNLABELED = [name for name in PLUGINS if methods.method(name).trains_without_unlabeled]
+
+
+@pytest.mark.parametrize("method", PLUGINS)
+def test_which_steps_take_an_empty_unlabeled_batch(method):
+    """The registry's ``trains_without_unlabeled`` says which steps give finite losses on no unlabeled volumes
+    at weight 0 (the others average their unlabeled term over nothing)."""
+    torch.manual_seed(0)
+    net = MethodNet(method, 1, 4, 4, dropout=False)
+
+    def new_optimizer(network: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(network.parameters(), lr=0.01)
+
+    context = Context(4, (32, 32, 32), torch.tensor([500.0, 200, 50, 5]), 16, 0, 8, 10, 0.0, new_optimizer,
+                      torch.device("cpu"))
+    training = MethodTraining(net, new_optimizer(net.networks[net.recipe.trained]), context)
+    x = torch.rand(2, 1, 32, 32, 32)
+    terms = training.step(x, torch.randint(0, 4, (2, 32, 32, 32)), x[:0], 0)
+    assert all(map(math.isfinite, terms.values())) == (method in WITHOUT_UNLABELED)
+
+
+def test_without_unlabeled_volumes_batchnorm_sees_the_labeled_ones_alone(tiny_phantom, tmp_path, monkeypatch):
+    """``batch_unlabeled: 0`` (CPS at weight 0): the networks see the labeled batch alone, so after the first
+    step the first BatchNorm's running mean is (1 − m) · before + m · the mean of the first convolution over
+    the labeled volumes, computed here from the initial weights."""
+    seen = []
+    real_step = MethodTraining.step
+
+    def recording_step(self, x_labeled, y_labeled, x_unlabeled, epoch):
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        terms = real_step(self, x_labeled, y_labeled, x_unlabeled, epoch)
+        seen.append((x_labeled.clone(), x_unlabeled.shape[0], before, self.model.state_dict()["networks.A.encoder."
+                                                                                           "stages.0.1.running_mean"]))
+        return terms
+
+    monkeypatch.setattr(MethodTraining, "step", recording_step)
+    train(tiny_config(variant="cps", method_weight=0, batch_unlabeled=0, iterations_per_epoch=None, epochs=1,
+                      amp=False), tiny_phantom, tmp_path / "run")
+    # the epoch keeps its length: the unlabeled cases at the labeled batch size
+    assert len(seen) == len(read_split(tiny_phantom, "unlabeled_40p")) // 2
+    x_labeled, unlabeled_volumes, before, running_mean = seen[0]
+    assert unlabeled_volumes == 0 and x_labeled.shape[0] == 2
+    stage = "networks.A.encoder.stages.0"
+    conv = torch.nn.functional.conv3d(x_labeled, before[f"{stage}.0.weight"], before[f"{stage}.0.bias"], padding=1)
+    expected = 0.9 * before[f"{stage}.1.running_mean"] + 0.1 * conv.mean((0, 2, 3, 4))
+    torch.testing.assert_close(running_mean, expected)
+    assert "2 labeled / 0 unlabeled cases" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_batch_unlabeled_0_is_only_a_control():
+    with pytest.raises(InputError, match="batch_unlabeled 0 .* got variant 'full'"):
+        tiny_config(batch_unlabeled=0)
+    with pytest.raises(InputError, match="at method_weight 0; got variant 'cps', method_weight 0.1"):
+        tiny_config(variant="cps", batch_unlabeled=0)
+    with pytest.raises(InputError, match="got variant 'dst'"):
+        tiny_config(variant="dst", batch_unlabeled=0, method_weight=0)
+    assert tiny_config(variant="depl", batch_unlabeled=0, method_weight=0).batch_unlabeled == 0

@@ -22,6 +22,7 @@ This module imports nothing heavy: the CLI reads it to build ``--help``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 #: How a method trains: the two-flow SKCDF step or the labeled loss alone (:mod:`skcdf.train.step`), or
 #: a Table 1 method's own step (:mod:`skcdf.methods.plugin`).
@@ -44,6 +45,8 @@ class Method:
     demo_title: str | None = None         # title in `skcdf demo`'s report; None: the demo does not run it
     module: str | None = None             # plug-ins: the module of skcdf.methods that holds its Recipe
     paper: str | None = None              # plug-ins: the paper, for docs/methods.md and tables
+    # plug-ins: its step runs on an empty unlabeled batch (``batch_unlabeled: 0``) at ``method_weight: 0``
+    trains_without_unlabeled: bool = False
 
     @property
     def semi(self) -> bool:
@@ -54,6 +57,14 @@ class Method:
     def plugin(self) -> bool:
         """Whether it is a Table 1 method with its own networks and step (:mod:`skcdf.methods.plugin`)."""
         return self.step == "plugin"
+
+    @property
+    def control(self) -> dict[str, Any] | None:
+        """The settings that make it its own control (``skcdf ablate --controls``): the same networks,
+        supervised loss, batches and test-time rule without the unlabeled loss. None for a supervised method."""
+        if self.plugin:
+            return {"method_weight": 0}
+        return {"lambda_u": 0} if self.semi else None
 
     def switches(self) -> dict[str, bool | str]:
         """Defaults of the four method switches, by configuration key."""
@@ -81,19 +92,22 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     # every training case labeled: the upper bound
     Method("fully_supervised", "Fully supervised (VNet)", labeled_split="train_split", **_SUPERVISED),
     # the paper's Table 1 methods, in its order, as DHC's code base trains them (docs/methods.md)
-    *(Method(name, title, module=module, paper=paper, **_PLUGIN) for name, title, module, paper in (
-        ("uamt", "UA-MT", "uamt", "Yu et al., MICCAI 2019"),
-        ("urpc", "URPC", "urpc", "Luo et al., MICCAI 2021"),
-        ("cps", "CPS", "cps", "Chen et al., CVPR 2021"),
-        ("ssnet", "SS-Net", "ssnet", "Wu et al., MICCAI 2022"),
-        ("dst", "DST", "dst", "Chen et al., NeurIPS 2022"),
-        ("depl", "DePL", "depl", "Wang et al., CVPR 2022"),
-        ("adsh", "Adsh", "adsh", "Guo & Li, ICML 2022"),
-        ("crest", "CReST", "crest", "Wei et al., CVPR 2021"),
-        ("simis", "SimiS", "simis", "Chen et al., arXiv 2022"),
-        ("basak", "Basak et al.", "acisis", "Basak et al., MICCAI 2022"),
-        ("cld", "CLD", "cld", "Lin et al., MICCAI 2022"),
-        ("dhc", "DHC", "dhc", "Wang & Li, MICCAI 2023"),
+    *(Method(name, title, module=module, paper=paper, trains_without_unlabeled=without, **_PLUGIN)
+      for name, title, module, paper, without in (
+        # without: its step takes an empty unlabeled batch at weight 0 (URPC's, DST's, Basak's and DHC's
+        # unlabeled terms average over no voxels, which is NaN even at weight 0)
+        ("uamt", "UA-MT", "uamt", "Yu et al., MICCAI 2019", True),
+        ("urpc", "URPC", "urpc", "Luo et al., MICCAI 2021", False),
+        ("cps", "CPS", "cps", "Chen et al., CVPR 2021", True),
+        ("ssnet", "SS-Net", "ssnet", "Wu et al., MICCAI 2022", True),
+        ("dst", "DST", "dst", "Chen et al., NeurIPS 2022", False),
+        ("depl", "DePL", "depl", "Wang et al., CVPR 2022", True),
+        ("adsh", "Adsh", "adsh", "Guo & Li, ICML 2022", True),
+        ("crest", "CReST", "crest", "Wei et al., CVPR 2021", True),
+        ("simis", "SimiS", "simis", "Chen et al., arXiv 2022", True),
+        ("basak", "Basak et al.", "acisis", "Basak et al., MICCAI 2022", False),
+        ("cld", "CLD", "cld", "Lin et al., MICCAI 2022", True),
+        ("dhc", "DHC", "dhc", "Wang & Li, MICCAI 2023", False),
     )),
 )}
 

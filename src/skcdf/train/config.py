@@ -184,11 +184,12 @@ class Config:
     val_split: str = _key("eval", "split of the validation cases", _split)
     labeled_cases: int | None = _key(None, "first N labeled cases only (null: all)", _integer(1, optional=True))
     batch_labeled: int = _key(2, "labeled volumes per step and process", _integer(1))
-    batch_unlabeled: int = _key(2, "unlabeled volumes per step and process", _integer(1))
+    batch_unlabeled: int = _key(2, "unlabeled volumes per step and process (0: none, a Table 1 method's control)",
+                                _integer(0))
     num_workers: int = _key(2, "DataLoader workers per stream", _integer(0), runtime=True)
     # optimisation and schedule
     epochs: int = _key(1500, "epochs to train", _integer(1))
-    iterations_per_epoch: int | None = _key(None, "null: len(unlabeled) / (batch_unlabeled x processes)",
+    iterations_per_epoch: int | None = _key(None, "null: len(unlabeled) / (batch_unlabeled, or batch_labeled at 0, x processes)",
                                             _integer(1, optional=True))
     lr: float = _key(0.3, "base learning rate", _number("be > 0", lambda x: x > 0))
     lr_power: float = _key(0.9, "power of the poly schedule", _number())
@@ -321,6 +322,11 @@ def _check_combinations(config: Config, source: str) -> None:
         raise InputError(f"{source}: patch_size must be multiples of {multiple} (the network downsamples 4 times"
                          f"{' and SKCM splits the bottleneck into 2x2x2 patches' if config.skcm else ''}), "
                          f"got {patch!r}")
+    if config.batch_unlabeled == 0 and not (config.method.trains_without_unlabeled and config.method_weight == 0):
+        able = ", ".join(name for name, m in methods.METHODS.items() if m.trains_without_unlabeled)
+        raise InputError(f"{source}: batch_unlabeled 0 (no unlabeled volumes) is the control of a Table 1 method whose "
+                         f"step takes it ({able}) at method_weight 0; got variant {config.variant!r}, method_weight "
+                         f"{config.method_weight}")
     steps = parse_ema_order(config.ema_order)
     if "D" in steps and config.shared_decoder:
         raise InputError(f"{source}: ema_order uses step D, which needs two decoders (shared_decoder is true), "

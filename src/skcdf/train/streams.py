@@ -155,7 +155,7 @@ class TrainingData:
     """The loaders of one run and the generators that determine them (checkpointed for a resume)."""
 
     labeled: DataLoader                   # random patches of the labeled cases
-    unlabeled: DataLoader | None          # random patches of the unlabeled cases; None for a supervised method
+    unlabeled: DataLoader | None          # random patches of the unlabeled cases; None: supervised, batch_unlabeled 0
     unlabeled_has_labels: bool            # true labels of the unlabeled cases, for the pseudo-label monitor only
     validation: DataLoader | None         # centre crops of the validation cases
     generators: dict[str, torch.Generator]
@@ -177,7 +177,7 @@ def open_streams(config: Config, root: Path, info: dict[str, Any], cases: Cases,
     labeled, generators = make_stream(root, cases.labeled, config, window, laterality, True, "labeled", procs,
                                       pin_memory)
     unlabeled, unlabeled_has_labels = None, False
-    if config.method.semi:
+    if config.method.semi and config.batch_unlabeled > 0:
         # The unlabeled cases' labels, where the data set has them, feed only the pseudo-label monitor.
         unlabeled_has_labels = all(has_label(root, case) for case in cases.unlabeled)
         unlabeled, unlabeled_generators = make_stream(root, cases.unlabeled, config, window, laterality,
@@ -187,5 +187,7 @@ def open_streams(config: Config, root: Path, info: dict[str, Any], cases: Cases,
     if cases.validation:
         crops = CenterCropDataset(root, cases.validation, tuple(config.patch_size), window=window)
         validation = DataLoader(crops, batch_size=config.batch_labeled + config.batch_unlabeled, pin_memory=pin_memory)
-    iterations = config.iterations_per_epoch or len(cases.unlabeled) // (config.batch_unlabeled * procs.world)
+    # without unlabeled volumes (a control), an epoch keeps the length it has when they come at the labeled batch size
+    per_step = config.batch_unlabeled or config.batch_labeled
+    iterations = config.iterations_per_epoch or len(cases.unlabeled) // (per_step * procs.world)
     return TrainingData(labeled, unlabeled, unlabeled_has_labels, validation, generators, iterations)

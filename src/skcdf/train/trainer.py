@@ -306,10 +306,11 @@ def _train_plugin_epoch(run: Run, epoch: int, progress: tqdm) -> dict[str, Any]:
     sums: dict[str, float] = {}
     labeled_batches, unlabeled_batches = data.batches()  # fresh iterators every epoch
     for _ in range(data.iterations_per_epoch):
-        labeled, unlabeled = next(labeled_batches), next(unlabeled_batches)
+        labeled = next(labeled_batches)
+        x_unlabeled = labeled["image"][:0] if unlabeled_batches is None else next(unlabeled_batches)["image"]
         with run.autocast():
             terms = run.plugin.step(_to_device(run, labeled["image"]), _to_device(run, labeled["label"]),
-                                    _to_device(run, unlabeled["image"]), epoch)
+                                    _to_device(run, x_unlabeled), epoch)
         run.iteration += 1
         for name, value in terms.items():  # the step synced them to floats already
             if not math.isfinite(value):
