@@ -21,10 +21,43 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
     assert titles[:2] == ["+ DF", "SKCDF"]
     # "SKCDF, EMA Hl,D,Hu" is the full variant again, so it is not run twice
     assert not any("EMA Hl,D,Hu" in t for t in titles)
-    labeled = next(row for row in rows if row.decoder == "labeled")
-    assert labeled.run_name == rows[1].run_name == "full"  # Table 4 reuses the full run
-    assert len({(row.run_name, row.decoder) for row in rows}) == len(rows)
+    labeled = next(row for row in rows if row.decoder == "labeled" and row.run_name == "full")
+    assert labeled.title == "SKCDF, labeled decoder" and not labeled.tta  # Table 4 reuses the full run
+    assert len({(row.run_name, row.rule) for row in rows}) == len(rows)
+    # every variant with two decoders gets the six test-time rules, its own row being the first
+    for run in ("df", "full"):
+        assert sorted(row.rule for row in rows if row.run_name == run) == sorted(
+            ["unlabeled", "labeled", "mean", "unlabeled-tta", "labeled-tta", "mean-tta"])
+    assert [row.title for row in plan_rows(["labeled_only"], decoders=True)][1:] == [
+        "SKCDF, unlabeled decoder", "SKCDF, labeled decoder", "SKCDF, decoder mean", "SKCDF, unlabeled decoder + flip TTA",
+        "SKCDF, labeled decoder + flip TTA", "SKCDF, decoder mean + flip TTA"]  # none has two decoders: SKCDF's
     assert AblationRow("x", {"variant": "full", "ema_order": "D,Hl,Hu"}).run_name == "full_ema_order-D-Hl-Hu"
+    assert ablate.variant_name("full", "mean-tta") == "full@mean-decoder+tta"
+    assert ablate.variant_name("full", "labeled") == "full@labeled-decoder"  # as before the rules
+
+
+def test_test_time_rules_come_from_one_checkpoint_and_the_validation_split_chooses(tiny_phantom, tmp_path,
+                                                                                   monkeypatch):
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY_SETTINGS, "epochs": 1}.items()]
+    rows = plan_rows(["full"], decoders=True)
+    trained = []
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda config, data, out, **kw: trained.append(out) or
+                        real_train(config, data, out, **kw))
+    run_ablation("phantom", tiny_phantom, tmp_path, rows, seeds=[0], overrides=overrides)
+    assert len(trained) == 1  # six rules, one run
+    run = tmp_path / "full" / "seed0"
+    with (tmp_path / "test_time_rules.csv").open() as handle:
+        lines = list(csv.DictReader(handle))
+    assert [line["rule"] for line in lines] == [row.rule for row in rows]
+    for line in lines:  # each rule scored on both splits, from the same checkpoint
+        for split, folder in (("val_dice", "val"), ("test_dice", "eval")):
+            summary = load_summary(run / f"{folder}-{line['rule']}" / "summary.json")
+            assert float(line[split]) == pytest.approx(summary["average"]["dice"], abs=1e-4)
+        assert load_summary(run / f"val-{line['rule']}" / "summary.json")["split"] == "eval"
+    best = max(lines, key=lambda line: float(line["val_dice"]))
+    assert [line["chosen"] for line in lines].count("1") == 1 and best["chosen"] == "1"
+    assert "✓" in (tmp_path / "test_time_rules.md").read_text()
 
 
 class Interrupted(Exception):

@@ -38,7 +38,7 @@ def tiny_model() -> SKCDFNet:
     return SKCDFNet(num_classes=4, filters=4, patch_size=(32, 32, 32)).eval()
 
 
-@pytest.fixture(scope="module", params=["unlabeled", "labeled"])
+@pytest.fixture(scope="module", params=["unlabeled", "labeled", "mean"])
 def exported(tiny_model, tmp_path_factory, request) -> tuple[str, OnnxModel]:
     """Each decoder of the tiny model exported once (an export takes seconds), and opened."""
     path = export_onnx(tiny_model, PREPROCESSING, tmp_path_factory.mktemp("onnx") / "model.onnx", request.param)

@@ -238,6 +238,23 @@ def test_labeled_decoder_is_selectable(toy):
     assert (labeled != unlabeled).any()
 
 
+def test_decoder_mean_averages_the_two_decoders_probabilities(toy):
+    image = np.random.default_rng(6).uniform(-200, 300, size=(20, 40, 36)).astype(np.float32)
+    preprocessing = {"size": None, "window": [-75, 275], "patch_size": list(PATCH)}
+    mean = infer.predict_volume(toy, image, preprocessing, InferenceSettings(decoder="mean"))
+    scaled = torch.from_numpy((np.clip(image, -75, 275) - image.clip(-75, 275).min()) / np.ptp(image.clip(-75, 275)))
+
+    def both(x: torch.Tensor) -> torch.Tensor:  # logits whose softmax is the mean of the two softmaxes
+        return torch.log((toy(x, flow="unlabeled")[0].softmax(1) + toy.forward_labeled_decoder(x)[0].softmax(1)) / 2)
+
+    expected = naive_probabilities(both, scaled[None, None], PATCH, (16, 32, 32))
+    np.testing.assert_array_equal(mean, expected[0].argmax(0).numpy())
+    window = scaled[None, None, :16, :32, :32]
+    torch.testing.assert_close(infer.model_logits(toy, "mean")(window).softmax(1), both(window).softmax(1))
+    with pytest.raises(InputError, match="decoder must be one of unlabeled, labeled, mean"):
+        InferenceSettings(decoder="both")
+
+
 def test_stride_larger_than_patch_is_refused():
     with pytest.raises(InputError, match="stride"):
         infer.overlap_for_stride(PATCH, (17, 32, 32))

@@ -1,8 +1,8 @@
 """`skcdf ablate`: the paper's ablations (Tables 3, 4, 5) over several seeds, in one command.
 
 Each table row is an :class:`AblationRow`: a training configuration (a variant plus overrides) and the
-decoder used at inference. Rows that share a configuration share its training run (Table 4's two
-decoders are one run evaluated twice). Runs and evaluations live in ``OUT/<run name>/seed<S>/`` and
+test-time rule (decoder, flip TTA). Rows that share a configuration share its training run (Table 4's two
+decoders are one run evaluated twice); where a run has several rules, the validation split chooses one. Runs and evaluations live in ``OUT/<run name>/seed<S>/`` and
 are reused when they already finished, so an interrupted ablation picks up where it stopped.
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import multiprocessing
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from skcdf import methods
 from skcdf.compare import Method, compare_to_reference, write_comparison
@@ -29,13 +30,25 @@ from skcdf.utils import InputError, atomic_write_text
 EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
 
 
+#: ``--decoders``: the test-time rules evaluated from the same checkpoint, (decoder, flip TTA); the first is
+#: the paper's and each row's default.
+TEST_TIME_RULES = tuple((decoder, tta) for tta in (False, True) for decoder in ("unlabeled", "labeled", "mean"))
+
+
 @dataclass
 class AblationRow:
-    """One row of an ablation table: ``title``, the training overrides and the inference decoder."""
+    """One row of an ablation table: ``title``, the training overrides and the test-time rule (the decoder
+    that predicts, :data:`skcdf.infer.DECODERS`, and whether flip TTA averages it)."""
 
     title: str
     overrides: dict[str, Any] = field(default_factory=dict)
     decoder: str = "unlabeled"
+    tta: bool = False
+
+    @property
+    def rule(self) -> str:
+        """The test-time rule's name in folder names: ``unlabeled``, ``labeled``, ``mean``, with ``-tta``."""
+        return self.decoder + ("-tta" if self.tta else "")
 
     @property
     def run_name(self) -> str:
@@ -49,8 +62,9 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
               mask_modes: bool = False, controls: bool = False) -> list[AblationRow]:
     """The rows to run: the given variants, each semi-supervised one followed by its control when ``controls``
     (:attr:`skcdf.methods.Method.control`: a Table 1 method at ``method_weight: 0``, an SKCDF variant at
-    ``lambda_u: 0``), then optionally Table 5's EMA orders, Table 4's labeled decoder, and the `exclude`
-    balanced-mask mode (all on the full SKCDF)."""
+    ``lambda_u: 0``), then optionally Table 5's EMA orders, the test-time rules (``decoders``:
+    :data:`TEST_TIME_RULES` for every given variant with two decoders, else for SKCDF; Table 4's labeled
+    decoder among them), and the `exclude` balanced-mask mode (all on the full SKCDF)."""
     main = methods.method(methods.MAIN)
     rows = []
     for variant in variants:
@@ -63,13 +77,23 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
                              {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
                  for order in EMA_ORDERS]
     if decoders:
-        rows.append(AblationRow(f"{main.title}, labeled decoder", {"variant": main.name}, decoder="labeled"))
+        two_decoders = [v for v in variants if v in methods.METHODS and methods.METHODS[v].semi
+                        and not methods.METHODS[v].plugin and not methods.METHODS[v].shared_decoder]
+        rows += [AblationRow(f"{methods.title(variant)}, {rule_title(decoder, tta)}", {"variant": variant},
+                             decoder=decoder, tta=tta)
+                 for variant in two_decoders or [main.name] for decoder, tta in TEST_TIME_RULES]
     if mask_modes:
         rows.append(AblationRow(f"{main.title}, mask mode exclude", {"variant": main.name, "balance_mode": "exclude"}))
     unique: dict[tuple, AblationRow] = {}
     for row in rows:  # e.g. "SKCDF" and "SKCDF, EMA Hl,D,Hu" are the same experiment
-        unique.setdefault((row.run_name, row.decoder), row)
+        unique.setdefault((row.run_name, row.rule), row)
     return list(unique.values())
+
+
+def rule_title(decoder: str, tta: bool) -> str:
+    """How tables name a test-time rule, e.g. "labeled decoder", "decoder mean + flip TTA"."""
+    name = "decoder mean" if decoder == "mean" else f"{decoder} decoder"
+    return name + (" + flip TTA" if tta else "")
 
 
 def _train_one(preset: str, settings: list[str], data: str | Path, run: str | Path, threads: int | None = None) -> None:
@@ -122,32 +146,35 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     paired over the test cases and seeds (:func:`write_ablation_comparison`).
     """
     data, out = Path(data), Path(out)
-    evaluations = {(row.run_name, row.decoder, seed): out / row.run_name / f"seed{seed}" / f"eval-{row.decoder}"
-                   for row in rows for seed in seeds}
+
+    def evaluation(row: AblationRow, seed: int, split: str = "test") -> Path:
+        return out / row.run_name / f"seed{seed}" / f"{'eval' if split == 'test' else 'val'}-{row.rule}"
+
+    choosing = runs_with_several_rules(rows)  # their rule is chosen on the validation split
     pending = [(row, seed) for row in rows for seed in seeds
-               if not (evaluations[row.run_name, row.decoder, seed] / "summary.json").is_file()]
+               if not all((evaluation(row, seed, split) / "summary.json").is_file()
+                          for split in (("test", "val") if row.run_name in choosing else ("test",)))]
     todo = {out / row.run_name / f"seed{seed}": [*overrides, *(f"{k}={v}" for k, v in row.overrides.items()),
                                                  f"seed={seed}"] for row, seed in pending}
-    if jobs == 1:
-        # one run at a time, each evaluated at once: an interruption loses at most the run under way
-        for row, seed in pending:
-            run = out / row.run_name / f"seed{seed}"
-            if run in todo:
-                train_runs(preset, data, {run: todo.pop(run)}, 1)
-            _evaluate(row, seed, run, data, evaluations[row.run_name, row.decoder, seed])
-    else:
+    if jobs > 1:
         train_runs(preset, data, todo, jobs)
-        for row, seed in pending:
-            _evaluate(row, seed, out / row.run_name / f"seed{seed}", data, evaluations[row.run_name, row.decoder, seed])
+        todo.clear()
+    for row, seed in pending:
+        # one job: one run at a time, each evaluated at once, so an interruption loses at most the run under way
+        run = out / row.run_name / f"seed{seed}"
+        if run in todo:
+            train_runs(preset, data, {run: todo.pop(run)}, 1)
+        _evaluate(row, seed, run, data, evaluation(row, seed),
+                  evaluation(row, seed, "val") if row.run_name in choosing else None)
 
     table_rows, lines = [], []
     for row in rows:
-        summaries = [load_summary(evaluations[row.run_name, row.decoder, seed] / "summary.json") for seed in seeds]
+        summaries = [load_summary(evaluation(row, seed) / "summary.json") for seed in seeds]
         table_rows.append((row.title, aggregate(summaries)))
-        variant = variant_name(row.run_name, row.decoder)
         for seed, summary in zip(seeds, summaries):
-            lines.append([variant, seed, trained_iterations(out / row.run_name / f"seed{seed}"), summary["split"],
-                          f"{summary['average']['dice']:.4f}", *(f"{d:.4f}" for d in summary["per_class"]["dice"])])
+            lines.append([variant_name(row.run_name, row.rule), seed, trained_iterations(out / row.run_name / f"seed{seed}"),
+                          summary["split"], f"{summary['average']['dice']:.4f}",
+                          *(f"{d:.4f}" for d in summary["per_class"]["dice"])])
     text = (f"# Ablation on `{data}` (preset `{preset}`, seeds {', '.join(map(str, seeds))})\n\n"
             "Mean ± std over seeds of each run's class-averaged Dice (%) and ASD (voxels); per-class columns "
             "are mean Dice.\n\n" + render_table(table_rows) + "\n")
@@ -158,11 +185,50 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
     writer.writerow(["variant", "seed", "iterations", "split", "mean_dice", *summaries[0]["class_abbrevs"]])
     writer.writerows(lines)
     atomic_write_text(Path(csv_path) if csv_path else out / "ablation.csv", buffer.getvalue())
-    compared = {variant_name(row.run_name, row.decoder):
-               Method(row.title, {f"seed{seed}": evaluations[row.run_name, row.decoder, seed] for seed in seeds})
-               for row in rows}
+    if choosing:
+        write_rule_choice(out, [row for row in rows if row.run_name in choosing], seeds, evaluation)
+    compared = {variant_name(row.run_name, row.rule):
+                Method(row.title, {f"seed{seed}": evaluation(row, seed) for seed in seeds}) for row in rows}
     write_ablation_comparison(out, compared, data)
     return table
+
+
+def runs_with_several_rules(rows: Sequence[AblationRow]) -> set[str]:
+    """The runs that more than one row evaluates, each with its own test-time rule."""
+    rules: dict[str, set[str]] = {}
+    for row in rows:
+        rules.setdefault(row.run_name, set()).add(row.rule)
+    return {run for run, found in rules.items() if len(found) > 1}
+
+
+def write_rule_choice(out: Path, rows: Sequence[AblationRow], seeds: Sequence[int],
+                      evaluation: Callable[..., Path]) -> Path:
+    """``OUT/test_time_rules.md`` and ``.csv``: per run and test-time rule, the mean Dice over seeds on the
+    validation split and on the test split; the rule with the best validation Dice is the run's choice
+    (marked), so that the test split never picks it. Returns the Markdown file."""
+    def mean_dice(row: AblationRow, split: str) -> list[float]:
+        return [load_summary(evaluation(row, seed, split) / "summary.json")["average"]["dice"] for seed in seeds]
+
+    lines, table = [], ["| run | test-time rule | validation Dice | test Dice, mean ± sd | chosen |", "|---|---|---:|---:|:---:|"]
+    for run in dict.fromkeys(row.run_name for row in rows):
+        candidates = [(row, mean_dice(row, "val"), mean_dice(row, "test")) for row in rows if row.run_name == run]
+        best = max(candidates, key=lambda candidate: statistics.fmean(candidate[1]))[0]
+        for row, validation, test in candidates:
+            chosen = row is best
+            lines.append([run, row.rule, f"{statistics.fmean(validation):.4f}", f"{statistics.fmean(test):.4f}",
+                          f"{statistics.pstdev(test):.4f}", int(chosen)])
+            table.append(f"| {run} | {rule_title(row.decoder, row.tta)} | {statistics.fmean(validation):.2f} | "
+                         f"{statistics.fmean(test):.2f} ± {statistics.pstdev(test):.2f} | {'✓' if chosen else ''} |")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", "rule", "val_dice", "test_dice", "test_dice_sd", "chosen"])
+    writer.writerows(lines)
+    atomic_write_text(out / "test_time_rules.csv", buffer.getvalue())
+    markdown = out / "test_time_rules.md"
+    atomic_write_text(markdown, f"# Test-time rules, chosen on the validation split (seeds {', '.join(map(str, seeds))})"
+                      "\n\nMean Dice (%) over the seeds; each run's rule is the one with the best validation Dice.\n\n"
+                      + "\n".join(table) + "\n")
+    return markdown
 
 
 def control_run(variant: str) -> str | None:
@@ -172,9 +238,11 @@ def control_run(variant: str) -> str | None:
     return None if control is None else AblationRow("", {"variant": variant, **control}).run_name
 
 
-def variant_name(run_name: str, decoder: str) -> str:
-    """A row's name in ablation.csv: its run, with ``@<decoder>-decoder`` for a decoder other than D_u."""
-    return run_name + ("" if decoder == "unlabeled" else f"@{decoder}-decoder")
+def variant_name(run_name: str, rule: str) -> str:
+    """A row's name in ablation.csv: its run, with ``@<decoder>-decoder`` for a decoder other than D_u and
+    ``+tta`` for flip TTA (``rule``: :attr:`AblationRow.rule`)."""
+    decoder, tta = rule.removesuffix("-tta"), rule.endswith("-tta")
+    return run_name + ("" if decoder == "unlabeled" else f"@{decoder}-decoder") + ("+tta" if tta else "")
 
 
 def ablation_methods(out: str | Path) -> dict[str, Method]:
@@ -207,15 +275,24 @@ def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | P
     return write_comparison(out, rows, f"# Paired comparison against {reference.name}{also} (`{Path(out)}`)")
 
 
-def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path) -> None:
-    """Predict the test split with the row's decoder and evaluate it into ``evaluation``."""
+def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path,
+              validation: Path | None = None) -> None:
+    """Predict the test split with the row's test-time rule and evaluate it into ``evaluation``; the same on
+    the run's validation split into ``validation``, when given."""
+    import yaml
+
     from skcdf.checkpoint import load_model
     from skcdf.infer import InferenceSettings
     from skcdf.predict import predict_and_evaluate
 
     plugin = methods.method(row.overrides.get("variant", methods.MAIN)).step == "plugin"
-    rule = "its test-time rule" if plugin else f"{row.decoder} decoder"  # a plug-in has no decoder to choose
+    # a plug-in has no decoder to choose
+    rule = ("its test-time rule" if plugin else rule_title(row.decoder, False)) + (" + flip TTA" if row.tta else "")
     print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule})", flush=True)
     model, preprocessing = load_model(run)
-    predict_and_evaluate(model, data, run / f"pred-{row.decoder}", evaluation, preprocessing, row.title,
-                         InferenceSettings(decoder=row.decoder))
+    settings = InferenceSettings(decoder=row.decoder, tta=row.tta)
+    predict_and_evaluate(model, data, run / f"pred-{row.rule}", evaluation, preprocessing, row.title, settings)
+    if validation is not None:
+        split = yaml.safe_load((run / "config.yaml").read_text())["val_split"]
+        predict_and_evaluate(model, data, run / f"pred-{row.rule}-{split}", validation, preprocessing, row.title,
+                             settings, split)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skcdf.infer import DECODERS, model_logits
 from skcdf.utils import InputError, atomic_path
 
 __all__ = ["FORMAT", "OnnxModel", "export_onnx"]
@@ -43,17 +44,15 @@ def _require(module: str) -> Any:
 
 
 class _MainHead(nn.Module):
-    """One decoder's main-head logits of an SKCDFNet: the traced inference network."""
+    """One test-time rule's logits of an SKCDFNet (:func:`skcdf.infer.model_logits`): the traced network."""
 
     def __init__(self, model: nn.Module, decoder: str) -> None:
         super().__init__()
         self.model = model
-        self.decoder = decoder
+        self.logits = model_logits(model, decoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decoder == "labeled":
-            return self.model.forward_labeled_decoder(x)[0]
-        return self.model(x, flow="unlabeled")[0]
+        return self.logits(x)
 
 
 def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | os.PathLike,
@@ -66,15 +65,16 @@ def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | 
             ``class_names``, ``class_abbrevs``, and where present ``lateral_pairs`` and ``flips``),
             stored in the model's metadata.
         path: the ``.onnx`` file to write.
-        decoder: ``"unlabeled"`` (the paper's inference path) or ``"labeled"``.
+        decoder: ``"unlabeled"`` (the paper's inference path), ``"labeled"`` or ``"mean"`` (see
+            :func:`skcdf.infer.model_logits`: its logits are the log of the two decoders' mean probabilities).
 
     Returns:
         ``path``. Its graph maps ``image`` (batch, 1, *patch_size) float32 to ``logits`` (batch, K, *patch_size).
     """
     onnx = _require("onnx")
     _require("onnxscript")  # torch.onnx.export's translator
-    if decoder not in ("unlabeled", "labeled"):
-        raise InputError(f"decoder must be 'unlabeled' or 'labeled', got {decoder!r}")
+    if decoder not in DECODERS:
+        raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     head = _MainHead(model, decoder).cpu().eval()  # eval: no dropout, running BN statistics
     # Two windows: torch.export would fix a batch axis of size 1 as a constant.
     example = torch.zeros(2, 1, *preprocessing["patch_size"])

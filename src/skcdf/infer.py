@@ -19,6 +19,7 @@ The model is a :data:`Network`: either a torch module with SKCDFNet's inference 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Literal, Union
@@ -78,7 +79,9 @@ class TtaFlip:
 #: The reference's TTA: the four in-plane flips, no channel swaps.
 _TTA_FLIPS: tuple[TtaFlip, ...] = tuple(TtaFlip(tuple(axis + 2 for axis in axes)) for axes in _IN_PLANE_FLIPS)
 
-Decoder = Literal["unlabeled", "labeled"]
+Decoder = Literal["unlabeled", "labeled", "mean"]
+#: The test-time rules: D_u's main head (the paper's), D_l's, and the mean of the two decoders' probabilities.
+DECODERS: tuple[str, ...] = ("unlabeled", "labeled", "mean")
 Blend = Literal["constant", "gaussian"]
 
 #: What predicts: a torch SKCDFNet(-like) module in eval mode, or an exported ONNX model.
@@ -90,8 +93,9 @@ class InferenceSettings:
     """How to run the network over a volume. The defaults reproduce the reference evaluation (SPEC §4).
 
     Attributes:
-        decoder: ``"unlabeled"`` (D_u main head, the paper's choice) or ``"labeled"`` (D_l main head,
-            each window paired with itself, paper Table 4).
+        decoder: ``"unlabeled"`` (D_u main head, the paper's choice), ``"labeled"`` (D_l main head,
+            each window paired with itself, paper Table 4) or ``"mean"`` (the mean of the two heads'
+            probabilities; for a Table 1 method all three are its own test-time rule).
         stride: window step (D, H, W) in voxels; each entry between 1 and the patch size.
         sw_batch_size: windows per forward pass.
         blend: ``"constant"`` (equal weights, as the reference) or ``"gaussian"`` (centre-weighted).
@@ -108,8 +112,8 @@ class InferenceSettings:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        if self.decoder not in ("unlabeled", "labeled"):
-            raise InputError(f"decoder must be 'unlabeled' or 'labeled', got {self.decoder!r}")
+        if self.decoder not in DECODERS:
+            raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.blend not in ("constant", "gaussian"):
             raise InputError(f"blend must be 'constant' or 'gaussian', got {self.blend!r}")
         if self.sw_batch_size < 1:
@@ -133,12 +137,25 @@ def overlap_for_stride(patch_size: Sequence[int], stride: Sequence[int]) -> tupl
 
 
 def model_logits(model: nn.Module, decoder: Decoder = "unlabeled") -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function ``x (b, 1, D, H, W) -> main-head logits (b, K, D, H, W)`` of the chosen decoder."""
-    if decoder == "unlabeled":
-        return lambda x: model(x, flow="unlabeled")[0]
-    if decoder == "labeled":
-        return lambda x: model.forward_labeled_decoder(x)[0]
-    raise ValueError(f"decoder must be 'unlabeled' or 'labeled', got {decoder!r}")
+    """The function ``x (b, 1, D, H, W) -> main-head logits (b, K, D, H, W)`` of the chosen decoder.
+
+    ``"mean"`` gives the log of the mean of both decoders' softmax probabilities: logits whose softmax is
+    that mean, so that windows, TTA and argmax treat it as any decoder's output.
+    """
+    def unlabeled(x: torch.Tensor) -> torch.Tensor:
+        return model(x, flow="unlabeled")[0]
+
+    def labeled(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_labeled_decoder(x)[0]
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        both = torch.stack([unlabeled(x).float().log_softmax(1), labeled(x).float().log_softmax(1)])
+        return torch.logsumexp(both, 0) - math.log(2)
+
+    rules = {"unlabeled": unlabeled, "labeled": labeled, "mean": mean}
+    if decoder not in rules:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    return rules[decoder]
 
 
 def tta_flips(mode: FlipMode, lr_axis: int, laterality: Laterality) -> tuple[TtaFlip, ...]:

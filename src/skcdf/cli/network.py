@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from skcdf.cli.predict import DECODERS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,8 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                    help="run folder (best.pt, else last.pt), skcdf checkpoint, or reference best_model.pth")
     e.add_argument("out", help="output .onnx file")
-    e.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
-                   help="decoder whose main head is exported (default: unlabeled, the paper's choice)")
+    e.add_argument("--decoder", choices=DECODERS, default="unlabeled",
+                   help="decoder whose main head is exported, or mean: both decoders' probabilities averaged "
+                        "(default: unlabeled, the paper's choice)")
     e.set_defaults(func=_export)
 
 

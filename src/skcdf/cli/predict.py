@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 
 from skcdf.utils import check_output_folder
 
+#: skcdf.infer.DECODERS, written out: importing it would load torch for `--help`
+DECODERS = ("unlabeled", "labeled", "mean")
+
 if TYPE_CHECKING:
     from skcdf.segmenter import Segmenter
 
@@ -54,8 +57,9 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The sliding-window and device options (of `predict` and `watch`); see :func:`load_segmenter`."""
-    parser.add_argument("--decoder", choices=("unlabeled", "labeled"), default="unlabeled",
-                        help="decoder whose main head predicts (default: unlabeled, the paper's choice)")
+    parser.add_argument("--decoder", choices=DECODERS, default="unlabeled",
+                        help="decoder whose main head predicts, or mean: both decoders' probabilities averaged "
+                             "(default: unlabeled, the paper's choice)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps or auto (default: CUDA, else MPS, else the CPU)")
     parser.add_argument("--tta", action="store_true",
