@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import matplotlib.image
 import numpy as np
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 
 from skcdf.cli import main
 from skcdf.utils import InputError
-from skcdf.viz import ORGAN_COLOURS, organ_colour, overlay_png, pick_slices, plot_curves
+from skcdf.viz import ORGAN_COLOURS, organ_colour, overlay_png, pick_slices, plot_curves, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -128,3 +129,24 @@ def test_plot_curves_leaves_out_a_panel_whose_columns_are_empty(tmp_path):
         plot_curves(csv_path, tmp_path / f"{name}.png")
         widths.append(imread(tmp_path / f"{name}.png").shape[1])
     assert widths[0] == widths[1]  # two panels each: loss and validation Dice
+
+
+def test_plot_runs_compares_validation_dice_along_iteration_and_lambda(tmp_path, capsys):
+    skcdf_run = ["epoch,iteration,lambda,val_dice_mean,val_dice_labeled_main,val_dice_unlabeled_main"]
+    skcdf_run += [f"{e},{8 * (e + 1)},{10 * math.exp(-5 * (1 - e / 10) ** 2):.5f},{20 + e},{18 + e},{20 + e}"
+                  for e in range(10)]
+    supervised = ["epoch,iteration,lambda,val_dice_mean"] + [f"{e},{8 * (e + 1)},0,{25 + e}" for e in range(10)]
+    (tmp_path / "skcdf").mkdir()
+    (tmp_path / "skcdf" / "metrics.csv").write_text("\n".join(skcdf_run) + "\n")
+    (tmp_path / "labeled.csv").write_text("\n".join(supervised) + "\n")
+    drawn = plot_runs({"SKCDF": tmp_path / "skcdf" / "metrics.csv", "labeled-only": tmp_path / "labeled.csv"},
+                      tmp_path / "runs.png")
+    # λ stays 0 for labeled-only: nothing to read against it; it has no per-decoder columns either
+    assert drawn == {"iteration": ["SKCDF", "labeled-only"], "lambda": ["SKCDF"], "decoders": ["SKCDF"]}
+    assert_valid_png(tmp_path / "runs.png")
+    assert main(["curves", str(tmp_path / "skcdf"), str(tmp_path / "labeled.csv"), "--out",
+                 str(tmp_path / "cli.png")]) == 0
+    assert "2 runs" in capsys.readouterr().out
+    (tmp_path / "empty.csv").write_text("epoch,iteration,lambda\n0,8,0.1\n")
+    with pytest.raises(InputError, match="none of the runs has validation Dice"):
+        plot_runs({"a": tmp_path / "empty.csv", "b": tmp_path / "empty.csv"}, tmp_path / "none.png")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +214,50 @@ def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> l
     with atomic_path(out_png) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
     return plotted
+
+
+def plot_runs(metrics_csvs: Mapping[str, str | os.PathLike], out_png: str | os.PathLike) -> dict[str, list[str]]:
+    """Several runs side by side, one line each (named by the keys of ``metrics_csvs``):
+
+    - the inference head's validation Dice against the iteration;
+    - the same against λ, the weight of the unlabeled loss at that epoch (metrics.csv's ``lambda``):
+      where the unlabeled loss starts to help or to hurt. Runs whose λ never moves are left out there;
+    - the validation Dice of D_l's main head and of D_u's (dashed) against the iteration, where the runs
+      have them.
+    Returns the runs drawn in each panel: ``{"iteration": [...], "lambda": [...], "decoders": [...]}``.
+    Raises InputError for a missing file, or when no run has validation Dice.
+    """
+    from matplotlib.figure import Figure
+
+    runs = {name: _read_columns(Path(path)) for name, path in metrics_csvs.items()}
+    if not any(_series(columns.get("iteration", []), columns.get("val_dice_mean", []))[0] for columns in runs.values()):
+        raise InputError("none of the runs has validation Dice (val_dice_mean) to plot")
+    figure = Figure(figsize=(18, 4.5), layout="constrained")
+    by_iteration, by_lambda, by_decoder = figure.subplots(1, 3)
+    drawn: dict[str, list[str]] = {"iteration": [], "lambda": [], "decoders": []}
+    for index, (name, columns) in enumerate(runs.items()):
+        colour = f"C{index % 10}"
+        x, y = _series(columns.get("iteration", []), columns.get("val_dice_mean", []))
+        if x:
+            by_iteration.plot(x, y, color=colour, label=name)
+            drawn["iteration"].append(name)
+        x, y = _series(columns.get("lambda", []), columns.get("val_dice_mean", []))
+        if len(set(x)) > 1:
+            by_lambda.plot(x, y, color=colour, label=name)
+            drawn["lambda"].append(name)
+        for head, style in (("labeled", "-"), ("unlabeled", "--")):
+            x, y = _series(columns.get("iteration", []), columns.get(f"val_dice_{head}_main", []))
+            if x:
+                by_decoder.plot(x, y, color=colour, linestyle=style, label=f"{name}, D_{head[0]}")
+                drawn["decoders"] += [] if name in drawn["decoders"] else [name]
+    for ax, title, x_label in ((by_iteration, "Validation Dice (inference head)", "iteration"),
+                               (by_lambda, "Validation Dice against the unlabeled loss's weight", "λ"),
+                               (by_decoder, "Validation Dice of D_l (solid) and D_u (dashed)", "iteration")):
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    return drawn

@@ -69,9 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="intensity display range (default: 1st..99th percentile)")
     overlay.set_defaults(func=_overlay)
 
-    curves = subparsers.add_parser("curves", help="plot loss and validation Dice of a training run",
-                                   description="Reads RUN/metrics.csv (or RUN itself when it is a CSV file).")
-    curves.add_argument("run", metavar="RUN")
+    curves = subparsers.add_parser("curves", help="plot loss and validation Dice of a training run, or compare runs",
+                                   description="Reads RUN/metrics.csv (or RUN itself when it is a CSV file). With "
+                                               "several runs: their validation Dice side by side, against the "
+                                               "iteration and against the unlabeled loss's weight λ.")
+    curves.add_argument("runs", metavar="RUN", nargs="+")
     curves.add_argument("--out", required=True, metavar="PNG")
     curves.set_defaults(func=_curves)
 
@@ -161,9 +163,13 @@ def _overlay(args: argparse.Namespace) -> int:
 
 
 def _curves(args: argparse.Namespace) -> int:
-    from skcdf.viz import plot_curves
+    from skcdf.viz import plot_curves, plot_runs
 
-    run = Path(args.run)
-    plotted = plot_curves(run if run.suffix == ".csv" else run / "metrics.csv", args.out)
-    print(f"wrote {args.out} ({', '.join(plotted)})")
+    files = {run: Path(run) if run.endswith(".csv") else Path(run) / "metrics.csv" for run in args.runs}
+    if len(files) == 1:
+        plotted = plot_curves(next(iter(files.values())), args.out)
+        print(f"wrote {args.out} ({', '.join(plotted)})")
+    else:
+        plot_runs(files, args.out)
+        print(f"wrote {args.out} ({len(files)} runs)")
     return 0
