@@ -99,3 +99,25 @@ def test_pair_members_predicts_with_each_network_of_a_pair_alone(tiny_phantom, t
     train(tiny_config(variant="uamt", epochs=1), tiny_phantom, tmp_path / "uamt")
     with pytest.raises(InputError, match="uamt: not a run of a Table 1 method that averages"):
         module.evaluate_members(tmp_path / "uamt", tiny_phantom)
+
+
+def test_seed_diagnostics_reads_the_stall_the_pseudo_labels_and_the_checkpoint_choice(tmp_path):
+    """benchmarks/seed_diagnostics.py on a hand-written metrics.csv: each figure against its definition."""
+    spec = importlib.util.spec_from_file_location("seed_diagnostics", BENCHMARKS / "seed_diagnostics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = tmp_path / "run"
+    (run / "eval-mean-tta").mkdir(parents=True)
+    (run / "eval-mean-tta" / "summary.json").write_text('{"average": {"dice": 51.5}}')
+    lines = ["epoch,lambda,loss_sup_main,pseudo_dice_main,val_dice_mean,val_dice_labeled_main"]
+    for epoch in range(8):  # validation every other epoch; D_l passes 30 at epoch 5
+        validated = epoch % 2 == 1
+        val = f"{10 * epoch},{6 * epoch}" if validated else ","
+        lines.append(f"{epoch},{0.1 * epoch},{2 - 0.1 * epoch},{5 * epoch},{val}")
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    found = module.diagnose(run)
+    assert found["epochs"] == 8 and found["start"] == 5
+    assert found["sup_quarter"] == pytest.approx((2 + 1.9) / 2)  # epochs 0 and 1
+    assert (found["pseudo_quarter"], found["pseudo_half"], found["pseudo_end"]) == (10, 20, 35)
+    assert (found["best_epoch"], found["val_best"], found["val_last"]) == (7, 70, 70)
+    assert found["lambda_best"] == pytest.approx(0.7) and found["test_mean-tta"] == 51.5
