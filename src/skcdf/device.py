@@ -102,6 +102,15 @@ def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
     return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled and device.type in ("cuda", "cpu"))
 
 
+def describe_precision(device: torch.device, amp: bool, channels_last: bool, amp_setting: bool | str) -> str:
+    """How a run computes, for its log: e.g. ``fp32``, ``bfloat16 autocast, channels_last_3d``, and on a CPU
+    why autocast is on (``amp_setting``: the configuration's ``amp``)."""
+    precision = f"{str(amp_dtype(device)).removeprefix('torch.')} autocast" if amp else "fp32"
+    if amp and device.type == "cpu":
+        precision += " (this CPU has native bf16" + (")" if amp_setting is True else ": amp auto turns it on)")
+    return precision + (", channels_last_3d" if channels_last else "")
+
+
 def hardware_settings(amp: bool | str, channels_last: bool | str, device_type: str) -> dict[str, bool]:
     """{"amp": ..., "channels_last": ...} of a run on a device of type ``device_type`` ("cuda", "cpu", "mps").
 

@@ -1,4 +1,4 @@
-"""The run folder's bookkeeping: its configuration check, the random state, metrics.csv and train.log.
+"""The run folder's bookkeeping: its configuration check, the random state, metrics.csv, TensorBoard and train.log.
 
 A run folder holds config.yaml, last.pt, best.pt, metrics.csv, train.log and tb/ (TensorBoard). This
 module decides whether a folder may be trained into (a new run, or a resume of the same
@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import yaml
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from skcdf.train.config import DEFAULTS, RUNTIME_KEYS, Config
@@ -92,6 +93,26 @@ def write_metric_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def write_scalars(writer: SummaryWriter, row: dict[str, Any], iteration: int) -> None:
+    """An epoch's metrics row to TensorBoard at ``iteration``, grouped as loss/, val_dice/ and pseudo/."""
+    for key, value in row.items():
+        if key not in ("epoch", "iteration"):
+            tag = key.replace("val_dice_", "val_dice/").replace("loss_", "loss/").replace("pseudo_", "pseudo/")
+            writer.add_scalar(tag, value, iteration)
+    writer.flush()
+
+
+def epoch_message(row: dict[str, Any], best_dice: float, best_epoch: int) -> str:
+    """train.log's line for an epoch: losses, schedule, and the pseudo-labels' and validation Dice where measured."""
+    message = (f"epoch {row['epoch']}: loss {row['loss']:.4f} (sup {row['loss_sup']:.4f}, "
+               f"unsup {row['loss_unsup']:.4f}), lr {row['lr']:.4g}, lambda {row['lambda']:.4g}")
+    if "pseudo_dice_main" in row:
+        message += f", pseudo-label dice {row['pseudo_dice_main']:.2f}"
+    if "val_dice_mean" in row:
+        message += f", val dice {row['val_dice_mean']:.2f} (best {best_dice:.2f} at epoch {best_epoch})"
+    return message
 
 
 def open_log(path: Path, enabled: bool) -> logging.Logger:

@@ -215,13 +215,10 @@ def _log_start(run: Run) -> None:
                         "order and random draws will differ from those of an uninterrupted run")
     unlabeled = len(run.data.unlabeled.dataset) if run.data.unlabeled is not None else 0
     labeled = len(run.data.labeled.dataset)
-    precision = f"{str(devices.amp_dtype(run.device)).removeprefix('torch.')} autocast" if run.amp else "fp32"
-    if run.amp and run.device.type == "cpu":
-        precision += " (this CPU has native bf16" + (")" if run.config.amp is True else ": amp auto turns it on)")
+    precision = devices.describe_precision(run.device, run.amp, run.channels_last, run.config.amp)
     run.log.info(f"{'resuming at' if resuming else 'starting'} epoch {run.start_epoch}: variant {run.config.variant}, "
                  f"{labeled} labeled / {unlabeled} unlabeled cases, {run.data.iterations_per_epoch} iterations per "
-                 f"epoch, {run.procs.world} process(es) on {run.device} ({precision}"
-                 f"{', channels_last_3d' if run.channels_last else ''})")
+                 f"epoch, {run.procs.world} process(es) on {run.device} ({precision})")
     if not shards_labeled_cases(labeled, run.config.batch_labeled, run.procs.world):
         run.log.info(f"{labeled} labeled cases are too few to shard across {run.procs.world} processes at "
                      f"batch_labeled {run.config.batch_labeled}: each process draws its labeled batches from "
@@ -372,18 +369,8 @@ def _log_epoch(run: Run, row: dict[str, Any]) -> None:
     """metrics.csv (rewritten atomically), TensorBoard and one line of train.log."""
     run.rows.append(row)
     run_folder.write_metric_rows(run.out / "metrics.csv", run.columns, run.rows)
-    for key, value in row.items():
-        if key not in ("epoch", "iteration"):
-            tag = key.replace("val_dice_", "val_dice/").replace("loss_", "loss/").replace("pseudo_", "pseudo/")
-            run.writer.add_scalar(tag, value, run.iteration)
-    run.writer.flush()
-    message = (f"epoch {row['epoch']}: loss {row['loss']:.4f} (sup {row['loss_sup']:.4f}, "
-               f"unsup {row['loss_unsup']:.4f}), lr {row['lr']:.4g}, lambda {row['lambda']:.4g}")
-    if "pseudo_dice_main" in row:
-        message += f", pseudo-label dice {row['pseudo_dice_main']:.2f}"
-    if "val_dice_mean" in row:
-        message += f", val dice {row['val_dice_mean']:.2f} (best {run.best_dice:.2f} at epoch {run.best_epoch})"
-    run.log.info(message)
+    run_folder.write_scalars(run.writer, row, run.iteration)
+    run.log.info(run_folder.epoch_message(row, run.best_dice, run.best_epoch))
 
 
 def _save(run: Run, improved: bool, rng_states: list[Any]) -> None:
