@@ -116,15 +116,17 @@ def hardware_settings(amp: bool | str, channels_last: bool | str, device_type: s
 
     ``auto`` turns both on for CUDA (bf16 autocast and channels_last_3d: the fast path of recent GPUs)
     and for a CPU with native bf16 (:func:`cpu_has_native_bf16`; bf16 autocast with channels_last_3d was
-    the fastest CPU variant of benchmarks/train_step.py), and off elsewhere, so that other CPUs and MPS keep
-    the reference's fp32 numerics and memory layout. ``amp: false`` keeps a run in fp32, as the reference
+    the fastest CPU variant of benchmarks/train_step.py; with ``amp: false`` the layout stays contiguous
+    there), and off elsewhere, so that other CPUs and MPS keep the reference's fp32 numerics and memory layout. ``amp: false`` keeps a run in fp32, as the reference
     trains; ``amp: true`` asks for autocast on CUDA or any CPU.
 
     Raises:
         InputError: ``amp: true`` on a device other than CUDA or the CPU.
     """
     fast = device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
-    settings = {key: fast if value == "auto" else value for key, value in (("amp", amp), ("channels_last", channels_last))}
-    if settings["amp"] and device_type not in ("cuda", "cpu"):
+    resolved_amp = fast if amp == "auto" else amp
+    if resolved_amp and device_type not in ("cuda", "cpu"):
         raise InputError(f"amp (mixed precision) needs a CUDA device or the CPU, the run uses {device_type}")
-    return settings
+    # on the CPU channels_last_3d pays only with bf16; fp32 keeps the reference's layout (and its results)
+    auto_layout = device_type == "cuda" or (device_type == "cpu" and bool(resolved_amp) and fast)
+    return {"amp": bool(resolved_amp), "channels_last": auto_layout if channels_last == "auto" else channels_last}

@@ -108,6 +108,7 @@ def test_hardware_settings_auto_means_on_for_cuda_and_bf16_cpus(native_bf16, mon
     assert hardware_settings(auto, "mps") == {"amp": False, "channels_last": False}
     fp32 = load_config("synapse_20p", ["amp=false"])  # exact reference reproduction
     assert hardware_settings(fp32, "cuda") == {"amp": False, "channels_last": True}
+    assert hardware_settings(fp32, "cpu") == {"amp": False, "channels_last": False}  # fp32 keeps its layout
     explicit = load_config("synapse_20p", ["amp=false", "channels_last=true"])
     assert hardware_settings(explicit, "cpu") == {"amp": False, "channels_last": True}
     assert hardware_settings(load_config("synapse_20p", ["amp=true"]), "cpu")["amp"] is True

@@ -205,7 +205,7 @@ class Config:
     device: str = _key("auto", "auto, cpu, cuda, cuda:N or mps", _device, runtime=True)
     amp: bool | str = _key("auto", "mixed precision (auto: on for CUDA and CPUs with native bf16; skcdf.device)",
                            _auto_boolean)
-    channels_last: bool | str = _key("auto", "channels_last_3d (auto: with amp auto)", _auto_boolean, runtime=True)
+    channels_last: bool | str = _key("auto", "channels_last_3d (auto: CUDA, or CPU bf16 autocast)", _auto_boolean, runtime=True)
     compile: bool = _key(False, "torch.compile the training forward", _boolean, runtime=True)
     sync_batchnorm: bool = _key(False, "synchronise BatchNorm across processes", _boolean)
 
