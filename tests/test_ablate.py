@@ -29,8 +29,8 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
         assert sorted(row.rule for row in rows if row.run_name == run) == sorted(
             ["unlabeled", "labeled", "mean", "unlabeled-tta", "labeled-tta", "mean-tta"])
     assert [row.title for row in plan_rows(["labeled_only"], decoders=True)][1:] == [
-        "SKCDF, unlabeled decoder", "SKCDF, labeled decoder", "SKCDF, decoder mean", "SKCDF, unlabeled decoder + flip TTA",
-        "SKCDF, labeled decoder + flip TTA", "SKCDF, decoder mean + flip TTA"]  # none has two decoders: SKCDF's
+        "SKCDF, unlabeled decoder", "SKCDF, labeled decoder", "SKCDF, decoder mean",
+        "SKCDF, unlabeled decoder + flip TTA", "SKCDF, labeled decoder + flip TTA", "SKCDF, decoder mean + flip TTA"]  # none has two decoders: SKCDF's
     assert AblationRow("x", {"variant": "full", "ema_order": "D,Hl,Hu"}).run_name == "full_ema_order-D-Hl-Hu"
     assert ablate.variant_name("full", "mean-tta") == "full@mean-decoder+tta"
     assert ablate.variant_name("full", "labeled") == "full@labeled-decoder"  # as before the rules

@@ -2,8 +2,9 @@
 
 Each table row is an :class:`AblationRow`: a training configuration (a variant plus overrides) and the
 test-time rule (decoder, flip TTA). Rows that share a configuration share its training run (Table 4's two
-decoders are one run evaluated twice); where a run has several rules, the validation split chooses one. Runs and evaluations live in ``OUT/<run name>/seed<S>/`` and
-are reused when they already finished, so an interrupted ablation picks up where it stopped.
+decoders are one run evaluated twice); where a run has several rules, the validation split chooses one.
+Runs and evaluations live in ``OUT/<run name>/seed<S>/`` and are reused when they already finished, so an
+interrupted ablation picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -172,8 +173,9 @@ def run_ablation(preset: str, data: str | Path, out: str | Path, rows: Sequence[
         summaries = [load_summary(evaluation(row, seed) / "summary.json") for seed in seeds]
         table_rows.append((row.title, aggregate(summaries)))
         for seed, summary in zip(seeds, summaries):
-            lines.append([variant_name(row.run_name, row.rule), seed, trained_iterations(out / row.run_name / f"seed{seed}"),
-                          summary["split"], f"{summary['average']['dice']:.4f}",
+            iterations = trained_iterations(out / row.run_name / f"seed{seed}")
+            lines.append([variant_name(row.run_name, row.rule), seed, iterations, summary["split"],
+                          f"{summary['average']['dice']:.4f}",
                           *(f"{d:.4f}" for d in summary["per_class"]["dice"])])
     text = (f"# Ablation on `{data}` (preset `{preset}`, seeds {', '.join(map(str, seeds))})\n\n"
             "Mean ± std over seeds of each run's class-averaged Dice (%) and ASD (voxels); per-class columns "
@@ -209,7 +211,8 @@ def write_rule_choice(out: Path, rows: Sequence[AblationRow], seeds: Sequence[in
     def mean_dice(row: AblationRow, split: str) -> list[float]:
         return [load_summary(evaluation(row, seed, split) / "summary.json")["average"]["dice"] for seed in seeds]
 
-    lines, table = [], ["| run | test-time rule | validation Dice | test Dice, mean ± sd | chosen |", "|---|---|---:|---:|:---:|"]
+    lines = []
+    table = ["| run | test-time rule | validation Dice | test Dice, mean ± sd | chosen |", "|---|---|---:|---:|:---:|"]
     for run in dict.fromkeys(row.run_name for row in rows):
         candidates = [(row, mean_dice(row, "val"), mean_dice(row, "test")) for row in rows if row.run_name == run]
         best = max(candidates, key=lambda candidate: statistics.fmean(candidate[1]))[0]
@@ -218,16 +221,17 @@ def write_rule_choice(out: Path, rows: Sequence[AblationRow], seeds: Sequence[in
             lines.append([run, row.rule, f"{statistics.fmean(validation):.4f}", f"{statistics.fmean(test):.4f}",
                           f"{statistics.pstdev(test):.4f}", int(chosen)])
             table.append(f"| {run} | {rule_title(row.decoder, row.tta)} | {statistics.fmean(validation):.2f} | "
-                         f"{statistics.fmean(test):.2f} ± {statistics.pstdev(test):.2f} | {'✓' if chosen else ''} |")
+                         f"{statistics.fmean(test):.2f} ± {statistics.pstdev(test):.2f} | "
+                         f"{'✓' if chosen else ''} |")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "rule", "val_dice", "test_dice", "test_dice_sd", "chosen"])
     writer.writerows(lines)
     atomic_write_text(out / "test_time_rules.csv", buffer.getvalue())
     markdown = out / "test_time_rules.md"
-    atomic_write_text(markdown, f"# Test-time rules, chosen on the validation split (seeds {', '.join(map(str, seeds))})"
-                      "\n\nMean Dice (%) over the seeds; each run's rule is the one with the best validation Dice.\n\n"
-                      + "\n".join(table) + "\n")
+    title = f"# Test-time rules, chosen on the validation split (seeds {', '.join(map(str, seeds))})"
+    atomic_write_text(markdown, title + "\n\nMean Dice (%) over the seeds; each run's rule is the one with the best "
+                      "validation Dice.\n\n" + "\n".join(table) + "\n")
     return markdown
 
 

@@ -230,7 +230,8 @@ def plot_runs(metrics_csvs: Mapping[str, str | os.PathLike], out_png: str | os.P
     from matplotlib.figure import Figure
 
     runs = {name: _read_columns(Path(path)) for name, path in metrics_csvs.items()}
-    if not any(_series(columns.get("iteration", []), columns.get("val_dice_mean", []))[0] for columns in runs.values()):
+    if not any(_series(columns.get("iteration", []), columns.get("val_dice_mean", []))[0]
+               for columns in runs.values()):
         raise InputError("none of the runs has validation Dice (val_dice_mean) to plot")
     figure = Figure(figsize=(18, 4.5), layout="constrained")
     by_iteration, by_lambda, by_decoder = figure.subplots(1, 3)

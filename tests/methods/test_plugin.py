@@ -193,8 +193,8 @@ def test_without_unlabeled_volumes_batchnorm_sees_the_labeled_ones_alone(tiny_ph
     def recording_step(self, x_labeled, y_labeled, x_unlabeled, epoch):
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
         terms = real_step(self, x_labeled, y_labeled, x_unlabeled, epoch)
-        seen.append((x_labeled.clone(), x_unlabeled.shape[0], before, self.model.state_dict()["networks.A.encoder."
-                                                                                           "stages.0.1.running_mean"]))
+        running_mean = self.model.state_dict()["networks.A.encoder.stages.0.1.running_mean"]
+        seen.append((x_labeled.clone(), x_unlabeled.shape[0], before, running_mean))
         return terms
 
     monkeypatch.setattr(MethodTraining, "step", recording_step)

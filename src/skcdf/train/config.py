@@ -189,7 +189,8 @@ class Config:
     num_workers: int = _key(2, "DataLoader workers per stream", _integer(0), runtime=True)
     # optimisation and schedule
     epochs: int = _key(1500, "epochs to train", _integer(1))
-    iterations_per_epoch: int | None = _key(None, "null: len(unlabeled) / (batch_unlabeled, or batch_labeled at 0, x processes)",
+    iterations_per_epoch: int | None = _key(None, "null: len(unlabeled) / (batch_unlabeled (at 0: batch_labeled) "
+                                                  "x processes)",
                                             _integer(1, optional=True))
     lr: float = _key(0.3, "base learning rate", _number("be > 0", lambda x: x > 0))
     lr_power: float = _key(0.9, "power of the poly schedule", _number())
@@ -205,7 +206,8 @@ class Config:
     device: str = _key("auto", "auto, cpu, cuda, cuda:N or mps", _device, runtime=True)
     amp: bool | str = _key("auto", "mixed precision (auto: on for CUDA and CPUs with native bf16; skcdf.device)",
                            _auto_boolean)
-    channels_last: bool | str = _key("auto", "channels_last_3d (auto: CUDA, or CPU bf16 autocast)", _auto_boolean, runtime=True)
+    channels_last: bool | str = _key("auto", "channels_last_3d (auto: CUDA, or CPU bf16 autocast)", _auto_boolean,
+                                     runtime=True)
     compile: bool = _key(False, "torch.compile the training forward", _boolean, runtime=True)
     sync_batchnorm: bool = _key(False, "synchronise BatchNorm across processes", _boolean)
 
@@ -324,9 +326,9 @@ def _check_combinations(config: Config, source: str) -> None:
                          f"got {patch!r}")
     if config.batch_unlabeled == 0 and not (config.method.trains_without_unlabeled and config.method_weight == 0):
         able = ", ".join(name for name, m in methods.METHODS.items() if m.trains_without_unlabeled)
-        raise InputError(f"{source}: batch_unlabeled 0 (no unlabeled volumes) is the control of a Table 1 method whose "
-                         f"step takes it ({able}) at method_weight 0; got variant {config.variant!r}, method_weight "
-                         f"{config.method_weight}")
+        raise InputError(f"{source}: batch_unlabeled 0 (no unlabeled volumes) is the control of a Table 1 method "
+                         f"whose step takes it ({able}) at method_weight 0; got variant {config.variant!r}, "
+                         f"method_weight {config.method_weight}")
     steps = parse_ema_order(config.ema_order)
     if "D" in steps and config.shared_decoder:
         raise InputError(f"{source}: ema_order uses step D, which needs two decoders (shared_decoder is true), "
