@@ -32,7 +32,9 @@ from torch import nn
 from skcdf.data.classes import SYNAPSE_NAMES
 from skcdf.data.geometry import Geometry, resample_to_size, to_original_space
 from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
-from skcdf.data.preprocess import normalize_intensity
+from skcdf.data.back_to_scan import labels_in_original_space
+from skcdf.data.intensity import Normalization
+from skcdf.data.spacing import check_scan_for_spacing, network_size
 from skcdf.device import autocast
 from skcdf.utils import InputError
 
@@ -254,7 +256,7 @@ def volume_probabilities(
     ``direction``: the volume's direction cosines (SimpleITK, row-major 3×3), for laterality-keeping TTA.
     """
     model_fn, device = _network_logits(model, settings.decoder)
-    normalized = normalize_intensity(np.asarray(image, dtype=np.float32), preprocessing.get("window"))
+    normalized = Normalization.from_preprocessing(preprocessing)(np.asarray(image, dtype=np.float32))
     volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device)[None, None]
     probabilities = sliding_window_probabilities(
         model_fn,
@@ -316,26 +318,6 @@ def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -
         yield sitk.GetArrayViewFromImage(resampled)
 
 
-def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Probabilities ``(K, d, h, w)`` on the prepared grid of ``geometry`` -> argmax labels ``(D, H, W)``
-    uint8 on the original grid ``geometry``.
-
-    A running maximum over the classes keeps two float volumes of the original size in memory (the
-    maximum so far and the class being compared) rather than K: 1.3 GB instead of 8.8 GB for a
-    512×512×600 scan with 14 classes.
-    """
-    best = labels = None
-    for label, resampled in enumerate(_channels_in_original_space(probabilities, geometry)):
-        if best is None:
-            best, labels = np.array(resampled), np.zeros(resampled.shape, np.uint8)
-        else:
-            better = np.greater(resampled, best)  # strict, so ties keep the lower label like argmax
-            np.copyto(best, resampled, where=better)
-            labels[better] = label
-            del better, resampled  # free them before the next class is resampled
-    return labels
-
-
 @dataclass(frozen=True)
 class ScanPrediction:
     """The prediction of one scan, on the scan's own grid.
@@ -356,13 +338,15 @@ def predict_scan(
     preprocessing: Mapping,
     settings: InferenceSettings = InferenceSettings(),
     probabilities: bool = False,
+    source: str = "scan",
 ) -> ScanPrediction:
     """Labels (and optionally probabilities) of a scan on its own grid.
 
     The scan is preprocessed as in training (trilinear resampling to ``preprocessing["size"]`` when
-    set, CT window, per-volume min-max scaling), predicted with the sliding window, and the softmax
-    probabilities are resampled linearly back to the scan's grid before the argmax, one class at a
-    time unless the probabilities themselves are asked for.
+    set, or, for a model trained on the spacing-based path, to ``preprocessing["spacing"]`` over the
+    whole scan; then the model's intensity normalisation), predicted with the sliding window over the
+    whole resampled scan, and the softmax probabilities are resampled linearly back to the scan's grid
+    before the argmax, one slab and class at a time unless the probabilities themselves are asked for.
 
     Args:
         model: an SKCDFNet-like model in eval mode on the device to run on, or an ONNX model.
@@ -370,8 +354,14 @@ def predict_scan(
         preprocessing: the checkpoint's ``preprocessing`` dict (``size``, ``window``, ``patch_size``).
         settings: decoder, stride, blending, TTA, AMP.
         probabilities: also return the ``(K, D, H, W)`` probabilities on the scan's grid.
+        source: what an error message calls the scan (its file).
+
+    Raises:
+        InputError: spacing-based model only: a scan it cannot use (:func:`~skcdf.data.spacing.check_scan_for_spacing`).
     """
-    size = preprocessing.get("size")
+    if preprocessing.get("spacing") is not None:
+        check_scan_for_spacing(Geometry.of_image(image), preprocessing["spacing"], source)
+    size = network_size(Geometry.of_image(image), preprocessing)
     network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
     on_network_grid = volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
                                             settings, network_input.GetDirection()).cpu().numpy()
@@ -387,13 +377,14 @@ def predict_scan(
 
 
 def predict_image(
-    model: Network, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+    model: Network, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings(),
+    source: str = "scan",
 ) -> sitk.Image:
     """Label map of a scan on its own grid, so that it overlays the scan in any viewer (see :func:`predict_scan`).
 
     Returns:
         uint8 label image with the size, spacing, origin and direction of ``image``.
     """
-    return place(predict_scan(model, image, preprocessing, settings).labels, Geometry.of_image(image))
+    return place(predict_scan(model, image, preprocessing, settings, source=source).labels, Geometry.of_image(image))
 
 
