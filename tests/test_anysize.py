@@ -1,0 +1,100 @@
+"""Issue 27 end to end, at toy size: scans of varied size and spacing -> prepare --spacing auto -> train
+own_data -> predict a scan larger than any training scan (file, DICOM series, Segmenter, ONNX) ->
+evaluate. The prediction must lie on the scan's own grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from skcdf import Segmenter
+from skcdf.cli import main
+from skcdf.data.geometry import Geometry
+from skcdf.data.layout import read_dataset_info
+from skcdf.predict import predict_files
+from skcdf.utils import InputError
+from tests.dicom_series import write_series
+
+TRAIN = ["patch_size=[32,32,32]", "filters=4", "epochs=2", "iterations_per_epoch=2", "batch_labeled=1",
+         "batch_unlabeled=1", "num_workers=0", "labeled_split=labeled_50p", "unlabeled_split=unlabeled_50p",
+         "device=cpu", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory) -> dict[str, Path]:
+    """The raw varied phantom, its spacing-based preparation, a run trained on it, and a big scan."""
+    root = tmp_path_factory.mktemp("anysize")
+    paths = {name: root / name for name in ("raw", "data", "run", "big")}
+    assert main(["phantom", str(paths["raw"]), "--varied", "--cases", "8", "--coarsen", "8", "--workers", "1"]) == 0
+    assert main(["prepare", "nifti", str(paths["raw"]), str(paths["data"]), "--spacing", "auto",
+                 "--split-counts", "4", "2", "2", "--labeled-percent", "50", "--workers", "1"]) == 0
+    torch.manual_seed(0)
+    assert main(["train", "own_data", "--data", str(paths["data"]), "--out", str(paths["run"]),
+                 "--set", *TRAIN]) == 0
+    # larger than any training scan: the largest one with 20 voxels of air around it in-plane, 10 slices above and below
+    images = sorted((paths["raw"] / "imagesTr").iterdir(), key=lambda p: np.prod(sitk.ReadImage(str(p)).GetSize()))
+    for kind, source, value in (("images", images[-1], -1000),
+                                ("labels", paths["raw"] / "labelsTr" / images[-1].name.replace("_0000", ""), 0)):
+        padded = sitk.ConstantPad(sitk.ReadImage(str(source)), (20, 20, 10), (20, 20, 10), value)
+        (paths["big"] / kind).mkdir(parents=True)
+        sitk.WriteImage(padded, str(paths["big"] / kind / "big.nii.gz"))
+    return paths
+
+
+def _on_grid_of(labels: sitk.Image, scan: sitk.Image) -> bool:
+    return Geometry.of_image(scan).mismatch(Geometry.of_image(labels)) is None
+
+
+def test_prepare_train_predict_evaluate_a_scan_larger_than_any_training_scan(flow, tmp_path):
+    info = read_dataset_info(flow["data"])
+    assert info["size"] is None and len(info["spacing"]) == 3 and info["intensity"]["std"] > 0
+    shapes = {np.load(path, mmap_mode="r").shape for path in (flow["data"] / "npy").glob("*_image.npy")}
+    assert len(shapes) > 1  # cases keep their own sizes
+    preprocessing = torch.load(flow["run"] / "best.pt", weights_only=False)["preprocessing"]
+    assert preprocessing["spacing"] == info["spacing"] and preprocessing["normalization"] == "dataset"
+    scan = sitk.ReadImage(str(flow["big"] / "images" / "big.nii.gz"))
+    assert all(scan.GetSize()[a] > max(s[2 - a] for s in shapes) for a in range(3))
+    assert main(["predict", str(flow["run"]), str(flow["big"] / "images"), str(tmp_path / "pred")]) == 0
+    labels = sitk.ReadImage(str(tmp_path / "pred" / "big.nii.gz"))
+    assert _on_grid_of(labels, scan) and labels.GetPixelID() == sitk.sitkUInt8
+    assert main(["evaluate", str(tmp_path / "pred"), str(flow["big"] / "labels"), "--dataset", str(flow["data"]),
+                 "--out", str(tmp_path / "eval"), "--workers", "1"]) == 0
+    assert (tmp_path / "eval" / "summary.json").is_file()
+    assert main(["predict", str(flow["run"]), str(flow["data"]), str(tmp_path / "test"), "--split", "test"]) == 0
+    assert main(["evaluate", str(tmp_path / "test"), str(flow["data"]), "--split", "test", "--workers", "1"]) == 0
+
+    segmenter = Segmenter.load(flow["run"], device="cpu")
+    in_memory = segmenter.predict(scan)
+    assert np.array_equal(sitk.GetArrayFromImage(in_memory), sitk.GetArrayFromImage(labels))
+    series = tmp_path / "series"
+    write_series(sitk.Cast(scan, sitk.sitkInt16), series)
+    assert main(["predict", str(flow["run"]), str(series), str(tmp_path / "dicom")]) == 0
+    assert _on_grid_of(sitk.ReadImage(str(tmp_path / "dicom" / "series.nii.gz")), scan)
+
+
+def test_onnx_model_predicts_at_the_models_spacing_too(flow, tmp_path):
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(flow["run"]), str(tmp_path / "model.onnx")]) == 0
+    scan = sitk.ReadImage(str(min((flow["raw"] / "imagesTr").iterdir())))
+    torch_labels = Segmenter.load(flow["run"], device="cpu").predict(scan)
+    onnx_labels = Segmenter.load(tmp_path / "model.onnx").predict(scan)
+    assert _on_grid_of(onnx_labels, scan)
+    agree = np.mean(sitk.GetArrayFromImage(onnx_labels) == sitk.GetArrayFromImage(torch_labels))
+    assert agree > 0.999
+
+
+def test_a_localiser_is_refused_by_name_and_nothing_written(flow, tmp_path):
+    localiser = sitk.Image(64, 64, 3, sitk.sitkInt16)
+    localiser.SetSpacing((0.8, 0.8, 300.0))
+    sitk.WriteImage(localiser, str(tmp_path / "scout.nii.gz"))
+    segmenter = Segmenter.load(flow["run"], device="cpu")
+    summary = predict_files(segmenter.network, [tmp_path / "scout.nii.gz"], tmp_path / "out",
+                            segmenter.preprocessing, segmenter.settings)
+    assert len(summary.failures) == 1 and "scout.nii.gz: spacing 300 mm along z" in summary.failures[0].message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(InputError, match="2-D image"):
+        segmenter.predict(np.zeros((1, 40, 40), np.float32), spacing=(2.0, 1.0, 1.0))
