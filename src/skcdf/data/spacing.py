@@ -81,7 +81,7 @@ def check_scan_for_spacing(geometry: Geometry, target: Sequence[float], path: st
     A spacing that is zero, negative or NaN; a single slice or single row (a 2-D image stored in a 3-D
     file); a spacing more than :data:`MAX_SPACING_RATIO` times the target along an axis (a localiser).
     """
-    check_spacing(geometry.spacing, f"{path}: voxel")
+    check_spacing(geometry.spacing, str(path))
     if min(geometry.size) < 2:
         raise InputError(f"{path}: is a 2-D image (size {geometry.size}); expected a 3-D volume")
     ratios = np.asarray(geometry.spacing) / np.asarray(target)
