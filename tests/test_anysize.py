@@ -1,5 +1,5 @@
 """Issue 27 end to end, at toy size: scans of varied size and spacing -> prepare --spacing auto -> train
-own_data -> predict a scan larger than any training scan (file, DICOM series, Segmenter, ONNX) ->
+own_data -> predict a scan larger than any training scan (file, DICOM series, Segmenter; ONNX metadata) ->
 evaluate. The prediction must lie on the scan's own grid."""
 
 from __future__ import annotations
@@ -76,15 +76,23 @@ def test_prepare_train_predict_evaluate_a_scan_larger_than_any_training_scan(flo
     assert _on_grid_of(sitk.ReadImage(str(tmp_path / "dicom" / "series.nii.gz")), scan)
 
 
-def test_onnx_model_predicts_at_the_models_spacing_too(flow, tmp_path):
+def test_onnx_export_keeps_the_spacing_path_preprocessing(flow, tmp_path):
+    """What an ONNX model predicts with comes from its metadata (predict_scan is shared with torch models).
+    Checked on a one-node graph: a real export takes ~8 s (tests/test_export.py does one)."""
+    onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    assert main(["export", str(flow["run"]), str(tmp_path / "model.onnx")]) == 0
-    scan = sitk.ReadImage(str(min((flow["raw"] / "imagesTr").iterdir())))
-    torch_labels = Segmenter.load(flow["run"], device="cpu").predict(scan)
-    onnx_labels = Segmenter.load(tmp_path / "model.onnx").predict(scan)
-    assert _on_grid_of(onnx_labels, scan)
-    agree = np.mean(sitk.GetArrayFromImage(onnx_labels) == sitk.GetArrayFromImage(torch_labels))
-    assert agree > 0.999
+    from skcdf.export import OnnxModel, _add_metadata
+
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                   [tensor("x", onnx.TensorProto.FLOAT, [1])], [tensor("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8),
+              tmp_path / "m.onnx")
+    preprocessing = torch.load(flow["run"] / "best.pt", weights_only=False)["preprocessing"]
+    _add_metadata(onnx, tmp_path / "m.onnx", "unlabeled", 14, preprocessing)
+    kept = OnnxModel.load(tmp_path / "m.onnx").preprocessing
+    assert {key: kept[key] for key in ("spacing", "normalization", "intensity")} == \
+        {key: preprocessing[key] for key in ("spacing", "normalization", "intensity")}
 
 
 def test_a_localiser_is_refused_by_name_and_nothing_written(flow, tmp_path):
@@ -98,3 +106,11 @@ def test_a_localiser_is_refused_by_name_and_nothing_written(flow, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     with pytest.raises(InputError, match="2-D image"):
         segmenter.predict(np.zeros((1, 40, 40), np.float32), spacing=(2.0, 1.0, 1.0))
+
+
+def test_a_table1_method_trains_on_varied_volumes_with_class_aware_patches(flow, tmp_path):
+    overrides = [*TRAIN, "variant=dhc", "normalization=dataset", "patch_sampling=class", "foreground_share=0.5", "epochs=1",
+                 "iterations_per_epoch=1", "val_every=0"]
+    assert main(["train", "phantom", "--data", str(flow["data"]), "--out", str(tmp_path / "dhc"),
+                 "--set", *overrides]) == 0
+    assert (tmp_path / "dhc" / "last.pt").is_file()
