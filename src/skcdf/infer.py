@@ -30,7 +30,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from skcdf.data.classes import SYNAPSE_NAMES
-from skcdf.data.geometry import Geometry, resample_to_size, to_original_space
+from skcdf.data.geometry import Geometry, place, resample_to_size, to_original_space
 from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
 from skcdf.data.back_to_scan import labels_in_original_space
 from skcdf.data.intensity import Normalization
@@ -295,15 +295,6 @@ def predict_volume(
         ``(D, H, W)`` uint8 labels.
     """
     return argmax_labels(volume_probabilities(model, image, preprocessing, settings, direction))
-
-
-def place(array: np.ndarray, grid: Geometry) -> sitk.Image:
-    """``array`` (D, H, W) as an image on ``grid`` (its size must match)."""
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(grid.direction)
-    return image
 
 
 def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> Iterator[np.ndarray]:

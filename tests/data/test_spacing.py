@@ -13,15 +13,8 @@ from skcdf.data.preprocess import normalize_intensity
 from skcdf.data.spacing import check_scan_for_spacing, size_for_spacing, target_spacing
 from skcdf.utils import InputError
 
-from .conftest import UNUSUAL_ORIGIN, unusual_direction
-
-
-def _image(array: np.ndarray, spacing=(0.8, 0.8, 2.5)) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    image.SetOrigin(UNUSUAL_ORIGIN)
-    image.SetDirection(unusual_direction())
-    return image
+from .conftest import UNUSUAL_ORIGIN, UNUSUAL_SPACING, unusual_direction
+from .test_preprocess import _unusual_image
 
 
 def test_target_spacing_is_the_median_unless_one_axis_is_anisotropic():
@@ -50,8 +43,9 @@ def test_grid_at_a_spacing_covers_the_scan_box():
 
 def test_label_round_trip_through_a_finer_spacing_is_exact(rng):
     label = rng.integers(0, 5, (6, 10, 14)).astype(np.uint8)
-    image = _image(label)
-    fine = resample_to_size(image, size_for_spacing(Geometry.of_image(image), (0.4, 0.4, 1.25)), is_label=True)
+    image = _unusual_image(label)
+    half = tuple(s / 2 for s in UNUSUAL_SPACING)
+    fine = resample_to_size(image, size_for_spacing(Geometry.of_image(image), half), is_label=True)
     assert fine.GetSize() == (28, 20, 12)
     back = to_original_space(sitk.GetArrayFromImage(fine), Geometry.of_image(image), is_label=True)
     assert np.array_equal(sitk.GetArrayFromImage(back), label)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from skcdf.data.geometry import Geometry, prepared_grid
+from skcdf.data.geometry import Geometry, place, prepared_grid
 
 #: Scan slices resampled at once.
 SLAB = 32
@@ -28,14 +28,6 @@ def slab_of(grid: Geometry, start: int, stop: int) -> Geometry:
     origin = np.array(grid.origin) + direction[:, 2] * start * grid.spacing[2]
     return Geometry((grid.size[0], grid.size[1], stop - start), grid.spacing, tuple(origin.tolist()),
                     grid.direction, grid.source)
-
-
-def _on(array: np.ndarray, grid: Geometry) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(grid.direction)
-    return image
 
 
 def _linear(image: sitk.Image, grid: Geometry) -> np.ndarray:
@@ -60,7 +52,7 @@ def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry, slab
         source, target = slab_of(network, low, high), slab_of(geometry, z0, z1)
         best = None
         for label, channel in enumerate(probabilities):
-            resampled = _linear(_on(channel[low:high], source), target)
+            resampled = _linear(place(np.ascontiguousarray(channel[low:high]), source), target)
             if best is None:
                 best = resampled
                 continue
