@@ -16,7 +16,8 @@ own ``--scan-spacing``, default 0.8 0.8 1.5), the data set z-score, the sliding 
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
                                            [--jsonl FILE]
     .venv/bin/python benchmarks/predict.py --scan-size 600 512 512 [--batch N] [--device cpu]
-    .venv/bin/python benchmarks/predict.py --quick --scan-size 600 512 512 --scan-spacing 0.8 0.8 1 --spacing 1.5 1.5 1.5
+    .venv/bin/python benchmarks/predict.py --quick --scan-size 600 512 512 --scan-spacing 0.8 0.8 1 --spacing 1.5 1.5 1.5 \
+        [--fp16-output]
     .venv/bin/python benchmarks/predict.py --device cpu --device onnx      # PyTorch against onnxruntime
 """
 
@@ -102,7 +103,8 @@ def time_full_scan(device: str, setup: dict, settings: InferenceSettings, scan_s
     assert labels.shape == scan_size
     name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"{device} ({name}): scan {scan_size} int16 at {scan_spacing} mm -> {grid} -> back, "
-          f"{setup['filters']} filters, patch {setup['patch']}, stride {settings.stride}: {seconds:.1f} s; peak RSS "
+          f"{setup['filters']} filters, patch {setup['patch']}, stride {settings.stride}, fp16 output "
+          f"{settings.fp16_output}: {seconds:.1f} s; peak RSS "
           f"{peak_rss_gib():.2f} GiB (before predicting, with the model and the scan: {before:.2f} GiB)")
 
 
@@ -120,13 +122,15 @@ def main() -> None:
                         help="--scan-size: the scan's spacing in mm (default 0.8 0.8 1.5)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="--scan-size: predict as a spacing-based model of this spacing (mm), not a fixed size")
+    parser.add_argument("--fp16-output", action="store_true",
+                        help="accumulate the sliding window's probabilities in float16 (skcdf predict --fp16-output)")
     parser.add_argument("--stride", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="window step (default 16 32 32)")
     parser.add_argument("--jsonl", help="also append one JSON object per device to this file")
     args = parser.parse_args()
 
     setup = QUICK if args.quick else PAPER
-    settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta,
+    settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta, fp16_output=args.fp16_output,
                                  stride=tuple(args.stride) if args.stride else InferenceSettings().stride)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.scan_size:

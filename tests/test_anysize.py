@@ -15,6 +15,7 @@ from skcdf import Segmenter
 from skcdf.cli import main
 from skcdf.data.geometry import Geometry
 from skcdf.data.layout import read_dataset_info
+from skcdf.infer import InferenceSettings
 from skcdf.predict import predict_files
 from skcdf.utils import InputError
 from tests.dicom_series import write_series
@@ -70,6 +71,10 @@ def test_prepare_train_predict_evaluate_a_scan_larger_than_any_training_scan(flo
     segmenter = Segmenter.load(flow["run"], device="cpu")
     in_memory = segmenter.predict(scan)
     assert np.array_equal(sitk.GetArrayFromImage(in_memory), sitk.GetArrayFromImage(labels))
+    half = Segmenter.load(flow["run"], device="cpu", settings=InferenceSettings(fp16_output=True))
+    half_labels, half_probabilities = half.predict(scan, probabilities=True)
+    assert np.mean(sitk.GetArrayFromImage(half_labels) == sitk.GetArrayFromImage(labels)) > 0.99
+    assert half_probabilities.dtype == np.float32
     series = tmp_path / "series"
     write_series(sitk.Cast(scan, sitk.sitkInt16), series)
     assert main(["predict", str(flow["run"]), str(series), str(tmp_path / "dicom")]) == 0

@@ -100,6 +100,8 @@ class InferenceSettings:
         tta: also average over the in-plane flips used in training (up to 4 forward passes per
             window), keeping left and right as the checkpoint's ``flips`` mode says (:func:`tta_flips`).
         amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; CPU always runs fp32.
+        fp16_output: accumulate the sliding window's probabilities (and read its input) in float16,
+            as nnU-Net does: half the memory of a whole scan's K-channel output, at ~1e-3 precision.
     """
 
     decoder: Decoder = "unlabeled"
@@ -108,6 +110,7 @@ class InferenceSettings:
     blend: Blend = "constant"
     tta: bool = False
     amp: bool = True
+    fp16_output: bool = False
 
     def __post_init__(self) -> None:
         if self.decoder not in ("unlabeled", "labeled"):
@@ -179,6 +182,7 @@ def sliding_window_probabilities(
     mode: Blend = "constant",
     tta: bool | Sequence[TtaFlip] = False,
     amp: bool = True,
+    fp16_output: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities of ``volume``, averaged over sliding windows (MONAI ``sliding_window_inference``).
 
@@ -198,15 +202,17 @@ def sliding_window_probabilities(
             in-plane flips of the reference (none, H, W, both), no channel swaps; False: no TTA.
         amp: autocast ``model_fn`` on CUDA (:func:`skcdf.device.autocast`: bf16, or fp16 where bf16 is
             unsupported).
+        fp16_output: MONAI accumulates in its input's dtype: pass it float16 (windows go to the model as
+            float32), so the output and the window counts take half the memory.
 
     Returns:
-        ``(1, K, D, H, W)`` float32 probabilities on ``volume.device``.
+        ``(1, K, D, H, W)`` probabilities on ``volume.device``, float32 (float16 with ``fp16_output``).
     """
     overlap = overlap_for_stride(patch_size, stride)
     flips = _TTA_FLIPS if tta is True else tuple(tta) if tta else (TtaFlip(),)
 
     def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
-        total = None
+        total, windows = None, windows.float()
         for flip in flips:
             with autocast(volume.device, amp):
                 logits = model_fn(_flip(windows, flip.dims))
@@ -216,7 +222,7 @@ def sliding_window_probabilities(
 
     with torch.inference_mode():
         return sliding_window_inference(
-            volume.float(),
+            volume.half() if fp16_output else volume.float(),
             roi_size=tuple(patch_size),
             sw_batch_size=sw_batch_size,
             predictor=window_probabilities,
@@ -267,6 +273,7 @@ def volume_probabilities(
         mode=settings.blend,
         tta=_tta_for(preprocessing, direction) if settings.tta else False,
         amp=settings.amp,
+        fp16_output=settings.fp16_output,
     )
     return probabilities[0]
 
@@ -305,7 +312,7 @@ def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -
     Each is a read-only view of SimpleITK's buffer (no copy), valid until the next one is asked for.
     """
     for channel in probabilities:
-        resampled = to_original_space(channel, geometry, is_label=False)  # kept alive while its view is used
+        resampled = to_original_space(channel.astype(np.float32, copy=False), geometry, is_label=False)  # kept alive while its view is used
         yield sitk.GetArrayViewFromImage(resampled)
 
 
@@ -356,6 +363,8 @@ def predict_scan(
     network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
     on_network_grid = volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
                                             settings, network_input.GetDirection()).cpu().numpy()
+    if probabilities:  # float32 for the caller, also after fp16_output
+        on_network_grid = on_network_grid.astype(np.float32, copy=False)
     if size is None:
         return ScanPrediction(on_network_grid.argmax(0).astype(np.uint8), on_network_grid if probabilities else None)
     geometry = Geometry.of_image(image)

@@ -94,3 +94,16 @@ def test_cli_spacing_option(tmp_path, rng, capsys):
     assert main(["prepare", "nifti", str(tmp_path / "src"), str(tmp_path / "out"), "--spacing", "3", "3", "3",
                  "--split-counts", "2", "1", "1", "--workers", "1"]) == 0
     assert load_image(tmp_path / "out", "c0").shape == (4, 7, 8)
+
+
+def test_amos_with_its_mri_scans_is_refused_on_the_spacing_path(tmp_path, rng):
+    src = tmp_path / "amos"
+    for number in (1, 2, 3, 4, 501):
+        image, label = synthetic_case(rng, (12, 21, 24), num_classes=16)
+        write_volume(src / "imagesTr" / f"amos_{number:04d}.nii.gz", image)
+        write_volume(src / "labelsTr" / f"amos_{number:04d}.nii.gz", label)
+    before = set(tmp_path.iterdir())
+    with pytest.raises(InputError, match=r"amos: modality 'CT\+MRI': .* mixing CT and MRI"):
+        prepare_dataset("amos", src, tmp_path / "out", spacing=(1.0, 1.0, 1.0), include_mri=True,
+                        split_counts=(3, 1, 1), labeled_percent=50, workers=1)
+    assert set(tmp_path.iterdir()) == before

@@ -39,7 +39,7 @@ def _linear(image: sitk.Image, grid: Geometry) -> np.ndarray:
 
 
 def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry, slab: int = SLAB) -> np.ndarray:
-    """Probabilities ``(K, d, h, w)`` on the network grid of ``geometry`` (the grid of that size over the
+    """Probabilities ``(K, d, h, w)`` (float32 or float16) on the network grid of ``geometry`` (the grid of that size over the
     same box) -> argmax labels ``(D, H, W)`` uint8 on ``geometry``, the lower class winning ties."""
     depth = probabilities.shape[1]
     network = prepared_grid(geometry, probabilities.shape[1:])
@@ -52,7 +52,7 @@ def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry, slab
         source, target = slab_of(network, low, high), slab_of(geometry, z0, z1)
         best = None
         for label, channel in enumerate(probabilities):
-            resampled = _linear(place(np.ascontiguousarray(channel[low:high]), source), target)
+            resampled = _linear(place(np.ascontiguousarray(channel[low:high], np.float32), source), target)
             if best is None:
                 best = resampled
                 continue

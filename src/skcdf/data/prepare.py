@@ -17,6 +17,7 @@ import functools
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from skcdf.data.geometry import Geometry, resample_to_size
@@ -137,7 +138,7 @@ def _spacing_path_info(raw: RawDataset, splits: dict[str, list[str]], results: l
 
 
 def _prepare_case(case: CaseSource, out: Path, grid: Callable[[Geometry], tuple[int, int, int]], num_classes: int,
-                  expect_ct: bool, target: tuple[float, float, float] | None) -> tuple[str | None, object]:
+                  expect_ct: bool, target: tuple[float, float, float] | None) -> tuple[str | None, np.ndarray | None]:
     """Read and check one case (an image file or a DICOM series folder, which must be CT when
     ``expect_ct``), resample it to the (D, H, W) size ``grid`` gives for its geometry and write it into
     ``out``. On the spacing path (``target``: the spacing) the scan is also checked against the target

@@ -1,4 +1,4 @@
-"""The spacing-based path (issue 27): each scan resampled to one target voxel spacing, keeping its size.
+"""The spacing-based path (issue 27): each scan resampled to one target voxel spacing, keeping its extent.
 
 The paper's presets resample every scan to one fixed size whatever its spacing
 (:func:`skcdf.data.geometry.resample_to_size`). Here the grid instead has about the target spacing:
@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from skcdf.data.geometry import Geometry, resample_to_size
+from skcdf.data.geometry import Geometry
 from skcdf.data.preprocess import read_scan
 from skcdf.utils import InputError
 
@@ -111,12 +111,7 @@ def read_geometry(path: Path) -> Geometry:
     return Geometry.of_image(read_scan(path), source=path)
 
 
-def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], is_label: bool) -> sitk.Image:
-    """Resample onto the grid of about ``spacing`` (x, y, z) over the image's own box (:func:`size_for_spacing`)."""
-    return resample_to_size(image, size_for_spacing(Geometry.of_image(image), spacing), is_label)
-
-
-def network_size(geometry: Geometry, preprocessing: dict) -> tuple[int, int, int] | None:
+def network_size(geometry: Geometry, preprocessing: Mapping) -> tuple[int, int, int] | None:
     """The (D, H, W) grid a scan of ``geometry`` is predicted on: the checkpoint's ``size`` (fixed-size
     path), the size at its ``spacing`` (spacing-based path), or None (the scan's own grid)."""
     if preprocessing.get("spacing") is not None:
