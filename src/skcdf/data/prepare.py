@@ -149,7 +149,7 @@ def _prepare_case(case: CaseSource, out: Path, grid: Callable[[Geometry], tuple[
         or without label).
     """
     if case.image.is_dir():
-        from skcdf.dicom import read_series
+        from skcdf.dicom import read_series  # here, as in read_scan: highdicom loads only for DICOM folders
 
         image, series = read_series(case.image, expect_ct=expect_ct)
         modality = series.modality
