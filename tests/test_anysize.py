@@ -55,6 +55,7 @@ def test_prepare_train_predict_evaluate_a_scan_larger_than_any_training_scan(flo
     assert info["size"] is None and len(info["spacing"]) == 3 and info["intensity"]["std"] > 0
     shapes = {np.load(path, mmap_mode="r").shape for path in (flow["data"] / "npy").glob("*_image.npy")}
     assert len(shapes) > 1  # cases keep their own sizes
+    assert any(min(shape) < 32 for shape in shapes)  # and some are smaller than the patch: padded, not refused
     preprocessing = torch.load(flow["run"] / "best.pt", weights_only=False)["preprocessing"]
     assert preprocessing["spacing"] == info["spacing"] and preprocessing["normalization"] == "dataset"
     scan = sitk.ReadImage(str(flow["big"] / "images" / "big.nii.gz"))
