@@ -16,8 +16,8 @@ own ``--scan-spacing``, default 0.8 0.8 1.5), the data set z-score, the sliding 
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
                                            [--jsonl FILE]
     .venv/bin/python benchmarks/predict.py --scan-size 600 512 512 [--batch N] [--device cpu]
-    .venv/bin/python benchmarks/predict.py --quick --scan-size 600 512 512 --scan-spacing 0.8 0.8 1 --spacing 1.5 1.5 1.5 \
-        [--fp16-output]
+    .venv/bin/python benchmarks/predict.py --quick --scan-size 600 512 512 --scan-spacing 0.8 0.8 1 \
+        --spacing 1.5 1.5 1.5 [--fp16-output]
     .venv/bin/python benchmarks/predict.py --device cpu --device onnx      # PyTorch against onnxruntime
 """
 

@@ -312,7 +312,8 @@ def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -
     Each is a read-only view of SimpleITK's buffer (no copy), valid until the next one is asked for.
     """
     for channel in probabilities:
-        resampled = to_original_space(channel.astype(np.float32, copy=False), geometry, is_label=False)  # kept alive while its view is used
+        # float32 also after fp16_output; the image is kept alive while its view is used
+        resampled = to_original_space(channel.astype(np.float32, copy=False), geometry, is_label=False)
         yield sitk.GetArrayViewFromImage(resampled)
 
 

@@ -39,8 +39,8 @@ def _linear(image: sitk.Image, grid: Geometry) -> np.ndarray:
 
 
 def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry, slab: int = SLAB) -> np.ndarray:
-    """Probabilities ``(K, d, h, w)`` (float32 or float16) on the network grid of ``geometry`` (the grid of that size over the
-    same box) -> argmax labels ``(D, H, W)`` uint8 on ``geometry``, the lower class winning ties."""
+    """Probabilities ``(K, d, h, w)`` (float32 or float16) on the network grid of ``geometry`` (the grid of
+    that size over the same box) -> argmax labels ``(D, H, W)`` uint8 on ``geometry``, the lower class winning ties."""
     depth = probabilities.shape[1]
     network = prepared_grid(geometry, probabilities.shape[1:])
     labels = np.zeros(tuple(reversed(geometry.size)), np.uint8)

@@ -132,7 +132,8 @@ def _spacing_path_info(raw: RawDataset, splits: dict[str, list[str]], results: l
         shown = ", ".join(f"{case.image} is {modality}" for modality, case in modalities.items())
         raise InputError(f"{src}: the data set mixes modalities ({shown}); prepare them separately")
     labeled = {case for name, ids in splits.items() if name.startswith("labeled_") for case in ids}
-    samples = [sample for case, (_, sample) in zip(raw.cases, results) if case.case_id in labeled and sample is not None]
+    samples = [sample for case, (_, sample) in zip(raw.cases, results)
+               if case.case_id in labeled and sample is not None]
     return {"intensity": intensity_statistics(samples, str(src)),
             "modality": next(iter(modalities), raw.modality)}
 

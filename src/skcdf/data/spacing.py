@@ -61,7 +61,8 @@ def target_spacing(spacings: Sequence[Sequence[float]], sizes: Sequence[Sequence
 
 
 def size_for_spacing(geometry: Geometry, spacing: Sequence[float]) -> tuple[int, int, int]:
-    """The (D, H, W) size of the grid at about ``spacing`` (x, y, z) over ``geometry``'s box: round(extent / spacing)."""
+    """The (D, H, W) size of the grid at about ``spacing`` (x, y, z) over ``geometry``'s box:
+    round(extent / spacing) voxels per axis, at least 1."""
     extent = np.asarray(geometry.size, dtype=np.float64) * np.asarray(geometry.spacing, dtype=np.float64)
     size_xyz = np.maximum(1, np.round(extent / np.asarray(spacing, dtype=np.float64))).astype(int)
     return tuple(int(n) for n in size_xyz[::-1])
