@@ -114,6 +114,17 @@ def test_a_localiser_is_refused_by_name_and_nothing_written(flow, tmp_path):
         segmenter.predict(np.zeros((1, 40, 40), np.float32), spacing=(2.0, 1.0, 1.0))
 
 
+def test_the_cli_names_the_refused_scan_in_one_error_line(flow, tmp_path, capsys):
+    localiser = sitk.Image(64, 64, 3, sitk.sitkInt16)
+    localiser.SetSpacing((0.8, 0.8, 300.0))
+    sitk.WriteImage(localiser, str(tmp_path / "scout.nii.gz"))
+    status = main(["predict", str(flow["run"]), str(tmp_path / "scout.nii.gz"), str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status != 0 and len(errors) == 1
+    assert "scout.nii.gz: spacing 300 mm along z" in errors[0] and "a localiser" in errors[0]
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
 def test_a_table1_method_trains_on_varied_volumes_with_class_aware_patches(flow, tmp_path):
     overrides = [*TRAIN, "variant=dhc", "normalization=dataset", "patch_sampling=class", "foreground_share=0.5", "epochs=1",
                  "iterations_per_epoch=1", "val_every=0"]

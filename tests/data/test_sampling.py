@@ -75,7 +75,7 @@ def test_patch_starts_contain_the_chosen_voxel(varied_root):
     dataset = PatchDataset(varied_root, ["big"], PATCH, with_labels=True, window=None,
                            sampling=PatchSampling("class", foreground_share=1.0, class_power=1.0))
     hits = [bool((dataset[(0, seed)]["label"] == 3).any()) for seed in range(200)]
-    assert np.mean(hits) > 0.25  # the rare voxel is in about a third of the patches (one of 3 classes)
+    assert np.mean(hits) > 0.5  # inverse frequency gives the one-voxel class most of the weight
 
 
 def test_class_weights_power_zero_weighs_present_classes_alike():
