@@ -263,7 +263,10 @@ def volume_probabilities(
     """
     model_fn, device = _network_logits(model, settings.decoder)
     normalized = Normalization.from_preprocessing(preprocessing)(np.asarray(image, dtype=np.float32))
-    volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device)[None, None]
+    # in float16 at once for fp16_output, so that the float32 copy is gone before the sliding window
+    dtype = torch.float16 if settings.fp16_output else torch.float32
+    volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device, dtype)[None, None]
+    del normalized
     probabilities = sliding_window_probabilities(
         model_fn,
         volume,
