@@ -9,11 +9,15 @@ onnxruntime (needs ``skcdf[onnx]``).
 ``--scan-size D H W`` instead predicts one full-size scan (int16 HU, e.g. 600 512 512) the way
 ``skcdf predict`` does a scan file: resampled to the training size, the sliding window, and the
 probabilities resampled back class by class. It reports the time and the process's peak resident
-memory (run one size per process: the peak is the process's).
+memory (run one size per process: the peak is the process's). ``--spacing X Y Z`` predicts it as a
+model of the spacing-based path (issue 27) does: resampled to that spacing over the whole scan (its
+own ``--scan-spacing``, default 0.8 0.8 1.5), the data set z-score, the sliding window over all of it.
 
     .venv/bin/python benchmarks/predict.py [--quick] [--repeats N] [--batch N] [--tta] [--device cpu|cuda]
                                            [--jsonl FILE]
     .venv/bin/python benchmarks/predict.py --scan-size 600 512 512 [--batch N] [--device cpu]
+    .venv/bin/python benchmarks/predict.py --quick --scan-size 600 512 512 --scan-spacing 0.8 0.8 1 \
+        --spacing 1.5 1.5 1.5 [--fp16-output]
     .venv/bin/python benchmarks/predict.py --device cpu --device onnx      # PyTorch against onnxruntime
 """
 
@@ -32,6 +36,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from skcdf.data.geometry import Geometry
+from skcdf.data.spacing import network_size
 from skcdf.export import OnnxModel, export_onnx
 from skcdf.infer import InferenceSettings, predict_scan, predict_volume
 from skcdf.nn import SKCDFNet
@@ -77,19 +83,28 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_full_scan(device: str, setup: dict, settings: InferenceSettings, scan_size: tuple[int, int, int]) -> None:
-    """Predict one random int16 scan of ``scan_size`` (D, H, W) on its own grid; print time and peak memory."""
+def time_full_scan(device: str, setup: dict, settings: InferenceSettings, scan_size: tuple[int, int, int],
+                   scan_spacing: tuple[float, float, float], spacing: tuple[float, float, float] | None) -> None:
+    """Predict one random int16 scan of ``scan_size`` (D, H, W) on its own grid; print time and peak memory.
+
+    ``spacing``: as a model of the spacing-based path with this (x, y, z) spacing, else of the fixed size."""
     model = SKCDFNet(num_classes=NUM_CLASSES, filters=setup["filters"], patch_size=setup["patch"]).to(device).eval()
     preprocessing = {"size": list(setup["volume"]), "window": [-75, 275], "patch_size": list(setup["patch"])}
+    if spacing is not None:
+        preprocessing.update(size=None, spacing=list(spacing), normalization="dataset", intensity={
+            "mean": 60.0, "std": 120.0, "percentile_00_5": -950.0, "percentile_99_5": 900.0})
     scan = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, scan_size, dtype=np.int16))
-    scan.SetSpacing((0.8, 0.8, 1.5))
+    scan.SetSpacing(scan_spacing)
+    grid = network_size(Geometry.of_image(scan), preprocessing)
     before = peak_rss_gib()
     start = time.perf_counter()
     labels = predict_scan(model, scan, preprocessing, settings).labels
     seconds = time.perf_counter() - start
     assert labels.shape == scan_size
     name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"{device} ({name}): scan {scan_size} int16 -> {setup['volume']} -> back: {seconds:.1f} s; peak RSS "
+    print(f"{device} ({name}): scan {scan_size} int16 at {scan_spacing} mm -> {grid} -> back, "
+          f"{setup['filters']} filters, patch {setup['patch']}, stride {settings.stride}, fp16 output "
+          f"{settings.fp16_output}: {seconds:.1f} s; peak RSS "
           f"{peak_rss_gib():.2f} GiB (before predicting, with the model and the scan: {before:.2f} GiB)")
 
 
@@ -103,14 +118,24 @@ def main() -> None:
                         help="default: cpu, and cuda if present; onnx: the exported model in onnxruntime (CPU)")
     parser.add_argument("--scan-size", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="predict one full-size scan of this size (one device) and report peak memory")
+    parser.add_argument("--scan-spacing", type=float, nargs=3, default=(0.8, 0.8, 1.5), metavar=("X", "Y", "Z"),
+                        help="--scan-size: the scan's spacing in mm (default 0.8 0.8 1.5)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="--scan-size: predict as a spacing-based model of this spacing (mm), not a fixed size")
+    parser.add_argument("--fp16-output", action="store_true",
+                        help="accumulate the sliding window's probabilities in float16 (skcdf predict --fp16-output)")
+    parser.add_argument("--stride", type=int, nargs=3, metavar=("D", "H", "W"),
+                        help="window step (default 16 32 32)")
     parser.add_argument("--jsonl", help="also append one JSON object per device to this file")
     args = parser.parse_args()
 
     setup = QUICK if args.quick else PAPER
-    settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta)
+    settings = InferenceSettings(sw_batch_size=args.batch, tta=args.tta, fp16_output=args.fp16_output,
+                                 stride=tuple(args.stride) if args.stride else InferenceSettings().stride)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.scan_size:
-        time_full_scan(devices[0], setup, settings, tuple(args.scan_size))
+        time_full_scan(devices[0], setup, settings, tuple(args.scan_size), tuple(args.scan_spacing),
+                       None if args.spacing is None else tuple(args.spacing))
         return
     windows = window_count(setup["volume"], setup["patch"], settings.stride) * (4 if args.tta else 1)
     print(

@@ -3,7 +3,7 @@
 A URL names a study or a series of a DICOMweb service, e.g.
 ``http://host:8042/dicom-web/studies/<StudyUID>/series/<SeriesUID>``; everything before ``/studies/``
 is the service root. The series is fetched with WADO-RS into a temporary folder and predicted
-exactly as a folder (:func:`skcdf.predict.predict_dicom_series`). A study URL predicts one of its
+exactly as a folder (:func:`skcdf.predict_series.predict_dicom_series`). A study URL predicts one of its
 series by the folder's rule: among its CT series (any image series for a model without CT window),
 the one with the most instances, with a warning naming it when there is a choice.
 
@@ -36,6 +36,7 @@ import pydicom
 import requests
 
 from skcdf.dicom import read_series, warn_series_choice
+from skcdf.predict_series import predict_dicom_series
 from skcdf.utils import InputError
 
 if TYPE_CHECKING:
@@ -345,11 +346,9 @@ def predict_url(model: Network, url: str, output_dir: str | os.PathLike, preproc
         the files written.
 
     Raises:
-        InputError: any error of :func:`skcdf.predict.predict_dicom_series` (naming the URL), or a
+        InputError: any error of :func:`skcdf.predict_series.predict_dicom_series` (naming the URL), or a
             :class:`DicomWebError`; a STOW-RS failure says that the local files were written.
     """
-    from skcdf.predict import predict_dicom_series  # here: skcdf.predict imports this module
-
     expect_ct = preprocessing.get("window") is not None
     with fetched_series(url, expect_ct, series_uid) as (server, series, folder):
         source = str(DicomWebLocation(server.root, series.study_uid, series.series_uid))

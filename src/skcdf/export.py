@@ -98,6 +98,9 @@ def _add_metadata(onnx: Any, path: Path, decoder: str, num_classes: int, preproc
     graph = onnx.load(str(path))
     kept = {key: preprocessing.get(key) for key in ("size", "window", "patch_size", "class_names", "class_abbrevs")}
     kept.update({key: preprocessing[key] for key in ("lateral_pairs", "flips") if key in preprocessing})  # for --tta
+    # the spacing-based path (issue 27): only where set, so that fixed-size models keep their metadata
+    kept.update({key: preprocessing[key] for key in ("spacing", "normalization", "intensity")
+                 if preprocessing.get(key) is not None})
     metadata = {"format": FORMAT, "decoder": decoder, "num_classes": num_classes, "preprocessing": kept}
     onnx.helper.set_model_props(graph, {_METADATA_KEY: json.dumps(metadata)})
     onnx.save(graph, str(path))

@@ -31,9 +31,11 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from skcdf.data.classes import SYNAPSE_NAMES
-from skcdf.data.geometry import Geometry, resample_to_size, to_original_space
+from skcdf.data.geometry import Geometry, place, resample_to_size, to_original_space
 from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find_laterality, flip_plan, left_right_axis
-from skcdf.data.preprocess import normalize_intensity
+from skcdf.data.back_to_scan import labels_in_original_space
+from skcdf.data.intensity import Normalization
+from skcdf.data.spacing import check_scan_for_spacing, network_size
 from skcdf.device import autocast
 from skcdf.utils import InputError
 
@@ -102,6 +104,8 @@ class InferenceSettings:
         tta: also average over the in-plane flips used in training (up to 4 forward passes per
             window), keeping left and right as the checkpoint's ``flips`` mode says (:func:`tta_flips`).
         amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; prediction on the CPU always runs fp32.
+        fp16_output: accumulate the sliding window's probabilities (and read its input) in float16,
+            as nnU-Net does: half the memory of a whole scan's K-channel output, at ~1e-3 precision.
     """
 
     decoder: Decoder = "unlabeled"
@@ -110,6 +114,7 @@ class InferenceSettings:
     blend: Blend = "constant"
     tta: bool = False
     amp: bool = True
+    fp16_output: bool = False
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -194,6 +199,7 @@ def sliding_window_probabilities(
     mode: Blend = "constant",
     tta: bool | Sequence[TtaFlip] = False,
     amp: bool = True,
+    fp16_output: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities of ``volume``, averaged over sliding windows (MONAI ``sliding_window_inference``).
 
@@ -213,15 +219,17 @@ def sliding_window_probabilities(
             in-plane flips of the reference (none, H, W, both), no channel swaps; False: no TTA.
         amp: autocast ``model_fn`` on CUDA (:func:`skcdf.device.autocast`: bf16, or fp16 where bf16 is
             unsupported).
+        fp16_output: MONAI accumulates in its input's dtype: pass it float16 (windows go to the model as
+            float32), so the output and the window counts take half the memory.
 
     Returns:
-        ``(1, K, D, H, W)`` float32 probabilities on ``volume.device``.
+        ``(1, K, D, H, W)`` probabilities on ``volume.device``, float32 (float16 with ``fp16_output``).
     """
     overlap = overlap_for_stride(patch_size, stride)
     flips = _TTA_FLIPS if tta is True else tuple(tta) if tta else (TtaFlip(),)
 
     def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
-        total = None
+        total, windows = None, windows.float()
         for flip in flips:
             with autocast(volume.device, amp and volume.device.type == "cuda"):
                 logits = model_fn(_flip(windows, flip.dims))
@@ -231,7 +239,7 @@ def sliding_window_probabilities(
 
     with torch.inference_mode():
         return sliding_window_inference(
-            volume.float(),
+            volume.half() if fp16_output else volume.float(),
             roi_size=tuple(patch_size),
             sw_batch_size=sw_batch_size,
             predictor=window_probabilities,
@@ -271,8 +279,11 @@ def volume_probabilities(
     ``direction``: the volume's direction cosines (SimpleITK, row-major 3×3), for laterality-keeping TTA.
     """
     model_fn, device = _network_logits(model, settings.decoder)
-    normalized = normalize_intensity(np.asarray(image, dtype=np.float32), preprocessing.get("window"))
-    volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device)[None, None]
+    normalized = Normalization.from_preprocessing(preprocessing)(np.asarray(image, dtype=np.float32))
+    # in float16 at once for fp16_output, so that the float32 copy is gone before the sliding window
+    dtype = torch.float16 if settings.fp16_output else torch.float32
+    volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device, dtype)[None, None]
+    del normalized
     probabilities = sliding_window_probabilities(
         model_fn,
         volume,
@@ -282,6 +293,7 @@ def volume_probabilities(
         mode=settings.blend,
         tta=_tta_for(preprocessing, direction) if settings.tta else False,
         amp=settings.amp,
+        fp16_output=settings.fp16_output,
     )
     return probabilities[0]
 
@@ -312,15 +324,6 @@ def predict_volume(
     return argmax_labels(volume_probabilities(model, image, preprocessing, settings, direction))
 
 
-def place(array: np.ndarray, grid: Geometry) -> sitk.Image:
-    """``array`` (D, H, W) as an image on ``grid`` (its size must match)."""
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(grid.direction)
-    return image
-
-
 def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> Iterator[np.ndarray]:
     """Each class's probabilities ``(d, h, w)`` on the prepared grid of ``geometry``, resampled linearly
     onto the original grid ``geometry`` (as SPEC §2 prepared them, backwards): ``(D, H, W)`` float32,
@@ -329,28 +332,9 @@ def _channels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -
     Each is a read-only view of SimpleITK's buffer (no copy), valid until the next one is asked for.
     """
     for channel in probabilities:
-        resampled = to_original_space(channel, geometry, is_label=False)  # kept alive while its view is used
+        # float32 also after fp16_output; the image is kept alive while its view is used
+        resampled = to_original_space(channel.astype(np.float32, copy=False), geometry, is_label=False)
         yield sitk.GetArrayViewFromImage(resampled)
-
-
-def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Probabilities ``(K, d, h, w)`` on the prepared grid of ``geometry`` -> argmax labels ``(D, H, W)``
-    uint8 on the original grid ``geometry``.
-
-    A running maximum over the classes keeps two float volumes of the original size in memory (the
-    maximum so far and the class being compared) rather than K: 1.3 GB instead of 8.8 GB for a
-    512×512×600 scan with 14 classes.
-    """
-    best = labels = None
-    for label, resampled in enumerate(_channels_in_original_space(probabilities, geometry)):
-        if best is None:
-            best, labels = np.array(resampled), np.zeros(resampled.shape, np.uint8)
-        else:
-            better = np.greater(resampled, best)  # strict, so ties keep the lower label like argmax
-            np.copyto(best, resampled, where=better)
-            labels[better] = label
-            del better, resampled  # free them before the next class is resampled
-    return labels
 
 
 @dataclass(frozen=True)
@@ -373,13 +357,15 @@ def predict_scan(
     preprocessing: Mapping,
     settings: InferenceSettings = InferenceSettings(),
     probabilities: bool = False,
+    source: str = "scan",
 ) -> ScanPrediction:
     """Labels (and optionally probabilities) of a scan on its own grid.
 
     The scan is preprocessed as in training (trilinear resampling to ``preprocessing["size"]`` when
-    set, CT window, per-volume min-max scaling), predicted with the sliding window, and the softmax
-    probabilities are resampled linearly back to the scan's grid before the argmax, one class at a
-    time unless the probabilities themselves are asked for.
+    set, or, for a model trained on the spacing-based path, to ``preprocessing["spacing"]`` over the
+    whole scan; then the model's intensity normalisation), predicted with the sliding window over the
+    whole resampled scan, and the softmax probabilities are resampled linearly back to the scan's grid
+    before the argmax, one slab and class at a time unless the probabilities themselves are asked for.
 
     Args:
         model: an SKCDFNet-like model in eval mode on the device to run on, or an ONNX model.
@@ -387,11 +373,19 @@ def predict_scan(
         preprocessing: the checkpoint's ``preprocessing`` dict (``size``, ``window``, ``patch_size``).
         settings: decoder, stride, blending, TTA, AMP.
         probabilities: also return the ``(K, D, H, W)`` probabilities on the scan's grid.
+        source: what an error message calls the scan (its file).
+
+    Raises:
+        InputError: spacing-based model only: a scan it cannot use (:func:`~skcdf.data.spacing.check_scan_for_spacing`).
     """
-    size = preprocessing.get("size")
+    if preprocessing.get("spacing") is not None:
+        check_scan_for_spacing(Geometry.of_image(image), preprocessing["spacing"], source)
+    size = network_size(Geometry.of_image(image), preprocessing)
     network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
     on_network_grid = volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
                                             settings, network_input.GetDirection()).cpu().numpy()
+    if probabilities:  # float32 for the caller, also after fp16_output
+        on_network_grid = on_network_grid.astype(np.float32, copy=False)
     if size is None:
         return ScanPrediction(on_network_grid.argmax(0).astype(np.uint8), on_network_grid if probabilities else None)
     geometry = Geometry.of_image(image)
@@ -404,13 +398,14 @@ def predict_scan(
 
 
 def predict_image(
-    model: Network, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings()
+    model: Network, image: sitk.Image, preprocessing: Mapping, settings: InferenceSettings = InferenceSettings(),
+    source: str = "scan",
 ) -> sitk.Image:
     """Label map of a scan on its own grid, so that it overlays the scan in any viewer (see :func:`predict_scan`).
 
     Returns:
         uint8 label image with the size, spacing, origin and direction of ``image``.
     """
-    return place(predict_scan(model, image, preprocessing, settings).labels, Geometry.of_image(image))
+    return place(predict_scan(model, image, preprocessing, settings, source=source).labels, Geometry.of_image(image))
 
 

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from skcdf import dicom
-from skcdf.data.classes import SYNAPSE_NAMES
 from skcdf.data.geometry import Geometry, prepared_grid
 from skcdf.data.layout import is_prepared_dataset, load_geometry, load_image, read_split
 from skcdf.data.preprocess import read_image
@@ -28,8 +26,9 @@ from skcdf.data.sources import IMAGE_SUFFIXES, strip_suffix
 from skcdf.dicomweb import is_dicomweb_url, predict_url
 from skcdf.evaluation import evaluate_folders
 from skcdf.infer import (InferenceSettings, Network, argmax_labels, labels_in_original_space, overlap_for_stride,
-                         place, predict_image, predict_scan, volume_probabilities)
-from skcdf.utils import InputError, atomic_path, check_output_folder
+                         place, predict_image, volume_probabilities)
+from skcdf.predict_series import predict_dicom_series, write_labels
+from skcdf.utils import InputError, check_output_folder
 
 __all__ = ["IMAGE_SUFFIXES", "CaseFailure", "PredictionSummary", "case_id_from_path", "predict_dataset",
            "predict_dicom_series", "predict_files", "predict_image_file", "predict_path"]
@@ -51,12 +50,6 @@ class PredictionSummary:
     failures: list[CaseFailure] = field(default_factory=list)
 
 
-def _write(image: sitk.Image, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return path
-
-
 def case_id_from_path(path: str | Path) -> str:
     """The file name without its image extension(s): ``scans/case01.nii.gz`` -> ``case01``."""
     name = Path(path).name
@@ -75,47 +68,8 @@ def predict_image_file(
     Raises:
         InputError: the file cannot be read as a 3D image (the message names it).
     """
-    labels = predict_image(model, read_image(path), preprocessing, settings)
-    return _write(labels, Path(output_dir) / f"{case_id_from_path(path)}.nii.gz")
-
-
-def predict_dicom_series(
-    model: Network,
-    folder: str | Path,
-    output_dir: str | Path,
-    preprocessing: Mapping,
-    settings: InferenceSettings = InferenceSettings(),
-    series_uid: str | None = None,
-    dicom_seg: bool = False,
-    source: str | None = None,
-) -> list[Path]:
-    """Predict the DICOM series in ``folder`` (the one with the most slices, or ``series_uid``) and
-    write ``output_dir/<folder name>.nii.gz`` on the series' grid; with ``dicom_seg`` also
-    ``output_dir/<folder name>.seg.dcm``, a DICOM Segmentation referencing the series (see
-    :func:`skcdf.dicom.write_segmentation`). ``source`` is what messages call the folder (default
-    the folder), e.g. the DICOMweb URL it was fetched from.
-
-    A checkpoint with a CT window only accepts CT series.
-
-    Raises:
-        InputError: naming the folder: no series, a non-CT series, or slices that do not form one
-            regular grid (see :func:`skcdf.dicom.read_series`), before anything is written; or, after
-            the NIfTI labels are written (the message says so), a series of which no SEG can be made
-            (e.g. without FrameOfReferenceUID).
-    """
-    image, series = dicom.read_series(folder, series_uid, expect_ct=preprocessing.get("window") is not None,
-                                      source=source)
-    labels = predict_scan(model, image, preprocessing, settings).labels
-    case_id = Path(folder).resolve().name
-    written = [_write(place(labels, Geometry.of_image(image)), Path(output_dir) / f"{case_id}.nii.gz")]
-    if dicom_seg:
-        names = preprocessing.get("class_names") or SYNAPSE_NAMES  # a reference checkpoint is Synapse's
-        try:
-            seg = dicom.write_segmentation(labels, series, names, Path(output_dir) / f"{case_id}.seg.dcm")
-        except InputError as error:
-            raise InputError(f"{error}: no DICOM SEG written; the labels were written to {written[0]}") from None
-        written += [seg] if seg is not None else []
-    return written
+    labels = predict_image(model, read_image(path), preprocessing, settings, source=str(path))
+    return write_labels(labels, Path(output_dir) / f"{case_id_from_path(path)}.nii.gz")
 
 
 def _for_each_case(cases: Sequence[str], predict_case: Callable[[str], list[Path]]) -> PredictionSummary:
@@ -192,10 +146,10 @@ def predict_dataset(
         else:
             prepared = prepared_grid(geometry, image.shape)
         labels = argmax_labels(probabilities)
-        written = [_write(place(labels, prepared), output_dir / f"{case_id}.nii.gz")]
+        written = [write_labels(place(labels, prepared), output_dir / f"{case_id}.nii.gz")]
         if original_space:
             labels = labels_in_original_space(probabilities.cpu().numpy(), geometry)
-            written.append(_write(place(labels, geometry), output_dir / "original" / f"{case_id}.nii.gz"))
+            written.append(write_labels(place(labels, geometry), output_dir / "original" / f"{case_id}.nii.gz"))
         return written
 
     return _for_each_case(read_split(root, split), predict_case)

@@ -42,8 +42,9 @@ class Segmenter:
 
     Args:
         network: a torch SKCDFNet in eval mode on its device, or an :class:`skcdf.export.OnnxModel`.
-        preprocessing: ``size`` (training (D, H, W) or None), ``window`` ([lo, hi] HU or None),
-            ``patch_size``, ``class_names``, ``class_abbrevs``.
+        preprocessing: ``size`` (training (D, H, W) or None), ``spacing`` (x, y, z mm, spacing-based
+            models; else absent or None), ``window`` ([lo, hi] HU or None), ``normalization`` and
+            ``intensity`` (absent: min-max), ``patch_size``, ``class_names``, ``class_abbrevs``.
         settings: decoder, stride, blending, TTA and AMP of the sliding window.
     """
 
@@ -105,8 +106,9 @@ class Segmenter:
                 - a ``SimpleITK.Image``: a 3-D scan in HU with its spacing, origin and direction;
                 - a numpy array ``(D, H, W)`` in HU (axis 0 the slices, as ``sitk.GetArrayFromImage``).
             spacing: numpy input only: the voxel spacing in mm in the array's axis order
-                ``(D, H, W)`` (default 1 mm). Today's labels do not depend on it, because the network
-                sees the scan resampled to the training size over its whole extent.
+                ``(D, H, W)`` (default 1 mm). A model of the fixed-size path does not depend on it (the
+                network sees the scan resampled to the training size over its whole extent); a model
+                of the spacing-based path resamples the scan from it to its own spacing.
             probabilities: also return the softmax probabilities on the scan's grid.
             series_uid: DICOM folders and DICOMweb study URLs only: the SeriesInstanceUID to read.
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import SimpleITK as sitk
 import pytest
 
 from skcdf.cli import main
 from skcdf.data.layout import list_cases, load_geometry, load_image, load_label, read_dataset_info, read_split
+from skcdf.data.phantom import (VARIED_IN_PLANE_SPACING_MM, VARIED_SLICE_SPACING_MM, VARIED_Z_EXTENT_MM,
+                                generate_varied_phantom)
 from skcdf.data.phantom import (AO, DEFAULT_SHAPE, ES, GA, IVC, LAG, LI, LK, PA, PSV, RAG, RK, SP, make_phantom_case,
                                 generate_phantom)
 from skcdf.data.prepare import prepare_dataset
@@ -130,3 +133,21 @@ def test_intensities_overlap_like_ct(default_cases):
         assert (image[body] < -500).mean() > 0.3 and ((image[body] > -150) & (image[body] < -60)).mean() > 0.05
         for organ in (PA, SP, LK, RAG):
             assert _best_interval_dice(image, label == organ) < 0.5, "intensity alone does not segment it"
+
+
+def test_varied_scans_span_the_clinical_ranges_of_extent_and_spacing(tmp_path):
+    out = generate_varied_phantom(tmp_path / "raw", cases=6, coarsen=8, workers=1)
+    images = sorted((out / "imagesTr").iterdir())
+    assert len(images) == 6 and len(list((out / "labelsTr").iterdir())) == 6 and (out / "dataset.json").is_file()
+    sizes = set()
+    for path in images:
+        image = sitk.ReadImage(str(path))
+        in_plane, _, slices = (s / 8 for s in image.GetSpacing())
+        assert VARIED_IN_PLANE_SPACING_MM[0] <= in_plane <= VARIED_IN_PLANE_SPACING_MM[1]
+        assert VARIED_SLICE_SPACING_MM[0] <= slices <= VARIED_SLICE_SPACING_MM[1]
+        extent = image.GetSize()[2] * image.GetSpacing()[2]
+        assert VARIED_Z_EXTENT_MM[0] - image.GetSpacing()[2] <= extent <= VARIED_Z_EXTENT_MM[1] + image.GetSpacing()[2]
+        label = sitk.ReadImage(str(out / "labelsTr" / path.name.replace("_0000", "")))
+        assert label.GetSize() == image.GetSize() and sitk.GetArrayViewFromImage(label).max() > 0
+        sizes.add(image.GetSize())
+    assert len(sizes) == 6

@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="labeled share of the training cases (default 20)")
     phantom.add_argument("--nifti", action="store_true",
                          help="also write OUT/nifti (imagesTr/, labelsTr/, dataset.json) for `skcdf prepare nifti`")
+    phantom.add_argument("--varied", action="store_true",
+                         help="scans of varying extent (abdomen to chest-abdomen-pelvis) and spacing (0.6-1.0 mm "
+                              "in-plane, 1-5 mm slices), written as a raw nnU-Net-style folder (imagesTr/, "
+                              "labelsTr/, dataset.json) for `skcdf prepare nifti OUT DATA --spacing auto`")
+    phantom.add_argument("--coarsen", type=float, default=4.0,
+                         help="--varied: every spacing times this factor (default 4; 1 gives clinical sizes)")
     _add_common(phantom)
     phantom.set_defaults(func=_phantom)
 
@@ -38,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("out", help="output folder (must not exist or be empty)")
     prepare.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"), default=[80, 160, 160],
                          help="prepared volume size (default 80 160 160)")
+    prepare.add_argument("--spacing", nargs="+", metavar="auto | X Y Z",
+                         help="resample to this voxel spacing in mm (x y z), each case keeping its extent, instead "
+                              "of to --size; auto: the training cases' median (nnU-Net's rule for anisotropic "
+                              "data); also records the foreground intensity statistics")
     prepare.add_argument("--labeled-percent", type=float,
                          help="labeled share of the training cases (default: Synapse 20, AMOS 5, nifti 20)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
@@ -73,8 +83,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from skcdf.data.phantom import generate_phantom
+    from skcdf.data.phantom import generate_phantom, generate_varied_phantom
 
+    if args.varied:
+        if args.nifti:
+            raise InputError("--varied already writes a raw NIfTI folder; --nifti does not apply")
+        out = generate_varied_phantom(args.out, cases=args.cases, seed=args.seed, coarsen=args.coarsen,
+                                      workers=args.workers, overwrite=args.overwrite)
+        print(f"wrote {args.cases} varied phantom scans to {out}; prepare them with "
+              f"`skcdf prepare nifti {out} DATA --spacing auto`")
+        return 0
     out = generate_phantom(args.out, cases=args.cases, shape=args.shape, seed=args.seed,
                            labeled_percent=args.labeled_percent, nifti=args.nifti, workers=args.workers,
                            overwrite=args.overwrite)
@@ -89,9 +107,23 @@ def _prepare(args: argparse.Namespace) -> int:
     out = prepare_dataset(args.layout, args.src, args.out, size=args.size, labeled_percent=args.labeled_percent,
                           seed=args.seed, splits_dir=args.splits, split_counts=args.split_counts,
                           split_fractions=args.split_fractions, window=window, include_mri=args.include_mri,
-                          num_classes=args.num_classes, workers=args.workers, overwrite=args.overwrite)
+                          num_classes=args.num_classes, workers=args.workers, overwrite=args.overwrite,
+                          spacing=_spacing_option(args.spacing))
     print(f"prepared {args.src} into {out}")
     return _print_stats(out, None)
+
+
+def _spacing_option(values: list[str] | None) -> str | tuple[float, ...] | None:
+    """``--spacing``: None, ``"auto"`` or three numbers (checked again, for their sign, by prepare)."""
+    if values is None or values == ["auto"]:
+        return None if values is None else "auto"
+    try:
+        numbers = tuple(float(v) for v in values)
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3:
+        raise InputError(f"--spacing: expected auto or three numbers X Y Z (mm), got {' '.join(values)}")
+    return numbers
 
 
 def _stats(args: argparse.Namespace) -> int:

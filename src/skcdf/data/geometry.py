@@ -122,9 +122,13 @@ def to_original_space(volume: np.ndarray, geometry: Geometry, is_label: bool = T
 
     The inverse of :func:`resample_to_size`: nearest neighbour for labels (UInt8), linear otherwise.
     """
-    prepared = sitk.GetImageFromArray(np.ascontiguousarray(volume))
-    grid = prepared_grid(geometry, volume.shape)
-    prepared.SetSpacing(grid.spacing)
-    prepared.SetOrigin(grid.origin)
-    prepared.SetDirection(grid.direction)
-    return _resample(prepared, geometry, is_label)
+    return _resample(place(np.ascontiguousarray(volume), prepared_grid(geometry, volume.shape)), geometry, is_label)
+
+
+def place(array: np.ndarray, grid: Geometry) -> sitk.Image:
+    """``array`` (D, H, W) as an image on ``grid`` (its size must match)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image

@@ -2,7 +2,8 @@
 
 ::
 
-    ROOT/dataset.json              name, classes, prepared size, CT window, modality, lateral pairs (optional)
+    ROOT/dataset.json              name, classes, prepared size, CT window, modality, lateral pairs (optional);
+                                   spacing-based data sets: size null, spacing (x, y, z) and intensity statistics
     ROOT/npy/<id>_image.npy        float32 (D, H, W), intensities in HU (not windowed)
     ROOT/npy/<id>_label.npy        uint8 (D, H, W), values 0..K-1; absent for unlabeled-only cases
     ROOT/npy/<id>_geometry.json    the original scan's geometry, so predictions can be put back in it
@@ -28,7 +29,9 @@ import numpy as np
 
 from skcdf.data.classes import CT_WINDOW, SYNAPSE_ABBREVS, SYNAPSE_NAMES, abbreviate
 from skcdf.data.geometry import Geometry
+from skcdf.data.intensity import INTENSITY_KEYS
 from skcdf.data.laterality import check_lateral_pairs
+from skcdf.data.spacing import check_spacing
 from skcdf.utils import InputError, atomic_path, atomic_write_text
 
 _SPLIT_FOLDERS = ("splits", "split_txts", ".")
@@ -81,11 +84,18 @@ def _checked_info(info: object, path: Path) -> dict:
     if size is not None and (len(size) != 3 or min(size) < 1):
         raise InputError(f"{path}: 'size' must be null or [D, H, W], not {size}")
     pairs = check_lateral_pairs(info.get("lateral_pairs"), len(names), path)
+    spacing = info.get("spacing")
+    if spacing is not None:
+        spacing = list(check_spacing(spacing if isinstance(spacing, list) else [spacing], f"{path}: 'spacing'"))
+    intensity = info.get("intensity")
+    if intensity is not None and not (isinstance(intensity, dict) and set(INTENSITY_KEYS) <= set(intensity)):
+        raise InputError(f"{path}: 'intensity' must be null or hold {', '.join(INTENSITY_KEYS)}")
+    grid = {} if spacing is None else {"spacing": spacing, "intensity": intensity}  # the spacing-based path only
     return {"name": str(info.get("name", path.parent.name)), "num_classes": len(names), "class_names": names,
             "class_abbrevs": list(abbrevs), "size": None if size is None else [int(n) for n in size],
             "window": None if window is None else [float(w) for w in window],
             "modality": str(info.get("modality", "CT")),
-            "lateral_pairs": None if pairs is None else [list(pair) for pair in pairs]}
+            "lateral_pairs": None if pairs is None else [list(pair) for pair in pairs], **grid}
 
 
 def volume_dir(root: str | os.PathLike) -> Path:

@@ -1,8 +1,10 @@
 """PyTorch datasets that feed training and validation from a prepared data set (SPEC §2).
 
 Each item is one case: the whole volume is normalised (CT window clip, then min-max to [0, 1] per
-volume), a patch is cut out (random for training, central for validation; a volume smaller than the
-patch is centred in it and padded with 0 in image and label), and training patches are flipped
+volume; or the data set's z-score, :mod:`skcdf.data.intensity`), a patch is cut out (random for
+training, uniformly or centred on foreground as :mod:`skcdf.data.sampling` says, central for
+validation; a volume smaller than the patch is centred in it and padded with 0 in image and label;
+volumes may differ in size), and training patches are flipped
 along H and W with probability 0.5 each: as drawn (``flips="reference"``), keeping left and right
 (``"laterality"``: see :mod:`skcdf.data.laterality`), or not at all (``"none"``).
 
@@ -19,22 +21,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from skcdf.data.classes import CT_WINDOW
+from skcdf.data.intensity import Normalization
 from skcdf.data.laterality import FLIP_MODES, FlipMode, Laterality, flip_plan, left_right_axis, swap_labels
 from skcdf.data.layout import load_geometry, load_image, load_label
-from skcdf.data.preprocess import intensity_range, normalize_intensity, scale_intensity
+from skcdf.data.sampling import PatchSampler, PatchSampling, centred_starts
 from skcdf.data.stats import class_voxel_counts
 from skcdf.utils import InputError
 
 __all__ = ["PatchDataset", "CenterCropDataset", "class_voxel_counts"]
 
 Region = tuple[tuple[slice, ...], tuple[slice, ...]]
+#: A CT window (low, high) for min-max scaling, None (min-max without clipping), or any normalisation.
+Window = Union[Sequence[float], None, Normalization]
 
 
 def crop_region(shape: Sequence[int], patch_size: Sequence[int], starts: Sequence[int]) -> Region:
@@ -66,12 +71,13 @@ class _CaseVolumes(Dataset):
     """The normalised images (and labels) of some cases, and the cutting of patches from them."""
 
     def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
-                 with_labels: bool, window: Sequence[float] | None, cache: bool) -> None:
+                 with_labels: bool, window: Window, cache: bool) -> None:
         self.root = Path(root)
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(n) for n in patch_size)
         self.with_labels = with_labels
-        self.window = None if window is None else tuple(float(w) for w in window)
+        self.normalization = window if isinstance(window, Normalization) else \
+            Normalization(None if window is None else (float(window[0]), float(window[1])))
         self.cache = cache
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be three positive sizes (D, H, W), not {patch_size}")
@@ -82,9 +88,9 @@ class _CaseVolumes(Dataset):
         for case_id in self.case_ids:
             image = load_image(self.root, case_id, mmap=not cache)
             if cache:
-                self._images.append(normalize_intensity(image, self.window))
+                self._images.append(self.normalization(image))
             else:
-                self._ranges.append(intensity_range(image, self.window))
+                self._ranges.append(self.normalization.value_range(image))
             if with_labels:
                 label = load_label(self.root, case_id, mmap=not cache)
                 if label.shape != image.shape:
@@ -112,7 +118,7 @@ class _CaseVolumes(Dataset):
         if self.cache:
             image[destination] = self._images[index][source]
         else:
-            image[destination] = scale_intensity(self._image_file(index)[source], self.window, self._ranges[index])
+            image[destination] = self.normalization(self._image_file(index)[source], self._ranges[index])
         item = {"image": torch.from_numpy(np.flip(image, flip_axes).copy()).unsqueeze(0),
                 "case": self.case_ids[index]}
         if self.with_labels:
@@ -133,19 +139,25 @@ class PatchDataset(_CaseVolumes):
         case_ids: the cases, one item each.
         patch_size: (D, H, W) of the patch.
         with_labels: include label patches (labeled cases only).
-        window: CT window (low, high) to clip to before scaling; None for no clipping (MRI).
+        window: CT window (low, high) to clip to before min-max scaling; None for no clipping (MRI); or
+            a :class:`~skcdf.data.intensity.Normalization` (e.g. the data set's z-score).
         flips: random flips along H and W (each drawn with p = 0.5): ``"reference"`` applies them as
             drawn; ``"laterality"`` swaps the labels of ``laterality.pairs`` when the case's left-right
             axis (from its geometry json, W without one) is flipped, and never flips that axis when
             ``laterality`` has a lateral class without a twin; ``"none"`` applies none.
         laterality: the data set's left/right classes; needed for ``"laterality"``.
         cache: keep normalised volumes in memory (True) or memory-map the .npy files (False).
+        sampling: where patches are cut (:mod:`skcdf.data.sampling`; other than uniform needs labels).
     """
 
     def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
-                 with_labels: bool, window: Sequence[float] | None = CT_WINDOW, flips: FlipMode = "reference",
-                 laterality: Laterality | None = None, cache: bool = True) -> None:
+                 with_labels: bool, window: Window = CT_WINDOW, flips: FlipMode = "reference",
+                 laterality: Laterality | None = None, cache: bool = True,
+                 sampling: PatchSampling = PatchSampling()) -> None:
         super().__init__(root, case_ids, patch_size, with_labels=with_labels, window=window, cache=cache)
+        if sampling.mode != "uniform" and not with_labels:
+            raise ValueError(f"patch sampling {sampling.mode!r} needs with_labels=True")
+        self.sampler = PatchSampler(sampling, self._labels)
         if flips not in FLIP_MODES:
             raise ValueError(f"flips must be one of {', '.join(FLIP_MODES)}, got {flips!r}")
         if flips == "laterality" and laterality is None:
@@ -165,10 +177,14 @@ class PatchDataset(_CaseVolumes):
         if isinstance(index, tuple):
             index, seed = index
             generator = torch.Generator().manual_seed(seed)
+        shape = self.volume_shape(index)
         starts = [int(torch.randint(0, max(size - patch, 0) + 1, (), generator=generator))
-                  for size, patch in zip(self.volume_shape(index), self.patch_size)]
+                  for size, patch in zip(shape, self.patch_size)]
         # drawn in every mode, so that the random stream does not depend on it
         drawn = [axis for axis, flip in zip((1, 2), torch.rand(2, generator=generator) < 0.5) if flip]
+        centre = self.sampler.centre(index, shape, generator)  # after the reference's draws: uniform is unchanged
+        if centre is not None:
+            starts = centred_starts(centre, shape, self.patch_size)
         flip_axes, swap = flip_plan(self.flips, drawn, self._lr_axes[index], self.laterality)
         return self._patch(index, starts, flip_axes, self.laterality.pairs if swap else ())
 
@@ -180,7 +196,7 @@ class CenterCropDataset(_CaseVolumes):
     """
 
     def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
-                 window: Sequence[float] | None = CT_WINDOW, cache: bool = True) -> None:
+                 window: Window = CT_WINDOW, cache: bool = True) -> None:
         super().__init__(root, case_ids, patch_size, with_labels=True, window=window, cache=cache)
 
     def __getitem__(self, index: int) -> dict:

@@ -53,6 +53,11 @@ from skcdf.utils import atomic_path, atomic_write_text
 DEFAULT_SHAPE = (48, 96, 96)
 DEFAULT_CASES = 30
 FIELD_OF_VIEW_MM = np.array([400.0, 400.0, 240.0])  # (x, y, z)
+# Varied scans (`--varied`, issue 27): the ranges clinical abdominal CTs span.
+VARIED_Z_EXTENT_MM = (240.0, 650.0)      # abdomen only .. chest-abdomen-pelvis
+VARIED_IN_PLANE_FOV_MM = (340.0, 500.0)  # a wide field of view pads the body with air and shows the table
+VARIED_IN_PLANE_SPACING_MM = (0.6, 1.0)
+VARIED_SLICE_SPACING_MM = (1.0, 5.0)
 
 # Labels in Synapse order.
 SP, RK, LK, GA, ES, LI, ST, AO, IVC, PSV, PA, RAG, LAG = range(1, 14)
@@ -366,6 +371,24 @@ def _scan_grid(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarr
     return np.stack([x, y, z]).astype(np.float32), geometry
 
 
+def _varied_scan_grid(rng: np.random.Generator, coarsen: float) -> tuple[np.ndarray, Geometry]:
+    """As :func:`_scan_grid`, for a scan of random extent and spacing (the ``VARIED_*`` ranges, every
+    spacing times ``coarsen``): its size follows from them, and in a long scan the abdomen sits anywhere
+    in the middle half of the extra length."""
+    in_plane = rng.uniform(*VARIED_IN_PLANE_SPACING_MM) * coarsen
+    spacing = np.array([in_plane, in_plane, rng.uniform(*VARIED_SLICE_SPACING_MM) * coarsen])
+    fov, z_extent = rng.uniform(*VARIED_IN_PLANE_FOV_MM), rng.uniform(*VARIED_Z_EXTENT_MM)
+    size_xyz = np.maximum(2, np.round(np.array([fov, fov, z_extent]) / spacing)).astype(int)
+    axes = [(np.arange(n) + 0.5 - n / 2) * s for n, s in zip(size_xyz, spacing)]
+    axes[2] += rng.uniform(-0.25, 0.25) * (z_extent - VARIED_Z_EXTENT_MM[0])
+    z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    direction = _rotation((rng.uniform(-10, 10), 0, rng.uniform(-5, 5)))
+    origin = rng.normal((0, -150, -300), (20, 20, 40)) - direction @ ((size_xyz - 1) / 2 * spacing)
+    geometry = Geometry(tuple(int(n) for n in size_xyz), tuple(spacing.tolist()), tuple(origin.tolist()),
+                        tuple(direction.ravel().tolist()))
+    return np.stack([x, y, z]).astype(np.float32), geometry
+
+
 def _smooth_field(rng: np.random.Generator, wavelengths_mm: tuple[float, float],
                   modes: int) -> Callable[[np.ndarray], np.ndarray]:
     """A random smooth function of position (3, ...) → (...): a sum of unit-amplitude plane waves."""
@@ -410,12 +433,17 @@ def _paint(parts: Sequence[_Part], coords: np.ndarray, regions: dict[str, np.nda
     return tissue, label
 
 
-def make_phantom_case(seed: int, index: int, shape: Sequence[int] = DEFAULT_SHAPE) -> PhantomCase:
-    """Generate case ``index`` of the phantom data set with ``seed`` at ``shape`` (D, H, W)."""
+def make_phantom_case(seed: int, index: int, shape: Sequence[int] = DEFAULT_SHAPE,
+                      varied: float | None = None) -> PhantomCase:
+    """Generate case ``index`` of the phantom data set with ``seed`` at ``shape`` (D, H, W); or, with
+    ``varied`` (a factor on every spacing), a scan of random extent and spacing (:func:`_varied_scan_grid`)."""
     anatomy_seed, noise_seed = np.random.SeedSequence([seed, index]).spawn(2)
     rng = np.random.default_rng(anatomy_seed)
-    shape = tuple(int(n) for n in shape)
-    scanner, geometry = _scan_grid(rng, shape)
+    if varied is None:
+        scanner, geometry = _scan_grid(rng, tuple(int(n) for n in shape))
+    else:
+        scanner, geometry = _varied_scan_grid(rng, varied)
+    shape = scanner.shape[1:]
     coords = _anatomical_coordinates(rng, scanner)
 
     torso, outlines = _torso(rng)
@@ -491,14 +519,43 @@ def _write_phantom_case(index: int, out: Path, seed: int, shape: tuple[int, int,
     case = make_phantom_case(seed, index, shape)
     write_case(out, case_id(index), case.image, case.label, case.geometry)
     if nifti:
-        for array, path in ((case.image, out / "nifti" / "imagesTr" / f"{case_id(index)}_0000.nii.gz"),
-                            (case.label, out / "nifti" / "labelsTr" / f"{case_id(index)}.nii.gz")):
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing(case.geometry.spacing)
-            image.SetOrigin(case.geometry.origin)
-            image.SetDirection(case.geometry.direction)
-            with atomic_path(path) as tmp:
-                sitk.WriteImage(image, str(tmp), useCompression=True)
+        _write_nifti_case(case, out / "nifti", case_id(index))
+
+
+def _write_nifti_case(case: PhantomCase, folder: Path, name: str) -> None:
+    """``folder/imagesTr/<name>_0000.nii.gz`` and ``folder/labelsTr/<name>.nii.gz`` in the case's scan geometry."""
+    for array, path in ((case.image, folder / "imagesTr" / f"{name}_0000.nii.gz"),
+                        (case.label, folder / "labelsTr" / f"{name}.nii.gz")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(case.geometry.spacing)
+        image.SetOrigin(case.geometry.origin)
+        image.SetDirection(case.geometry.direction)
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def generate_varied_phantom(out: str | Path, cases: int = DEFAULT_CASES, seed: int = 0, coarsen: float = 4.0, *,
+                            workers: int | None = None, overwrite: bool = False) -> Path:
+    """Write a raw nnU-Net-style phantom data set of scans of varying extent and spacing into ``out``
+    (imagesTr/, labelsTr/, dataset.json), for ``skcdf prepare nifti OUT PREPARED --spacing auto``.
+
+    Each scan covers 240 mm (abdomen) to 650 mm (chest-abdomen-pelvis) along z and 340-500 mm in-plane
+    (the wide ones padded with air and the table), at 0.6-1.0 mm in-plane and 1-5 mm slice spacing, every
+    spacing times ``coarsen`` (1: clinical sizes, up to ~830×830×650 voxels; the default 4 keeps a case
+    near a million voxels).
+
+    Raises:
+        InputError: ``out`` is not empty (and not ``overwrite``).
+    """
+    with staged_output_dir(out, overwrite) as staging:
+        job = functools.partial(_write_varied_case, out=staging, seed=seed, coarsen=coarsen)
+        map_cases(job, list(range(cases)), workers, desc="phantom")
+        _write_nnunet_dataset_json(staging, cases)
+    return Path(out)
+
+
+def _write_varied_case(index: int, out: Path, seed: int, coarsen: float) -> None:
+    _write_nifti_case(make_phantom_case(seed, index, varied=coarsen), out, case_id(index))
 
 
 def _write_nnunet_dataset_json(folder: Path, cases: int) -> None:

@@ -22,7 +22,9 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from skcdf import methods
+from skcdf.data.intensity import NORMALIZATIONS
 from skcdf.data.laterality import FLIP_MODES
+from skcdf.data.sampling import SAMPLING_MODES
 from skcdf.train.knowledge_transfer import parse_ema_order
 from skcdf.train.losses import BALANCE_MODES
 from skcdf.utils import InputError
@@ -187,6 +189,13 @@ class Config:
     batch_unlabeled: int = _key(2, "unlabeled volumes per step and process (0: none, a Table 1 method's control)",
                                 _integer(0))
     num_workers: int = _key(2, "DataLoader workers per stream", _integer(0), runtime=True)
+    normalization: str = _key("minmax", "intensities: per-volume minmax or the data set's z-score (dataset)",
+                              _one_of(NORMALIZATIONS))
+    patch_sampling: str = _key("uniform", "where labeled patches are cut: uniform, foreground or class",
+                               _one_of(SAMPLING_MODES))
+    foreground_share: float = _key(0.33, "share of labeled patches centred on foreground (not uniform)",
+                                   _number("lie in [0, 1]", lambda x: 0 <= x <= 1))
+    class_sampling_power: float = _key(0.5, "class weights n_c^-power of patch_sampling: class", _number())
     # optimisation and schedule
     epochs: int = _key(1500, "epochs to train", _integer(1))
     iterations_per_epoch: int | None = _key(None, "null: len(unlabeled) / (batch_unlabeled (at 0: batch_labeled) "

@@ -24,6 +24,7 @@ from skcdf.data.laterality import Laterality, find_laterality
 from skcdf.data.layout import has_label, read_split
 from skcdf.data.loaders import CenterCropDataset, PatchDataset, class_voxel_counts
 from skcdf.train.config import Config
+from skcdf.train.data_options import normalization, patch_sampling
 from skcdf.train.processes import Processes
 from skcdf.utils import InputError
 
@@ -93,7 +94,8 @@ def make_stream(root: Path, cases: list[str], config: Config, window: Any, later
     # the DataLoader's own seed draws (its workers' base seed) come from here, not from the global generator
     workers = torch.Generator().manual_seed(stream_seed(config.seed, stream, procs.rank))
     dataset = PatchDataset(root, cases, tuple(config.patch_size), with_labels=with_labels,
-                           window=window, flips=config.flips, laterality=laterality)
+                           window=window, flips=config.flips, laterality=laterality,
+                           sampling=patch_sampling(config, stream))
     # persistent workers: starting them anew for every pass (4 per epoch for 4 labeled cases at 2 per
     # step) cost more than loading the batches (measured, docs/performance.md)
     loader = DataLoader(dataset, batch_size=batch, drop_last=True, num_workers=config.num_workers,
@@ -172,7 +174,7 @@ def open_streams(config: Config, root: Path, info: dict[str, Any], cases: Cases,
 
     info: the data set's dataset.json (window, class names and left/right pairs for the flips).
     """
-    window = info.get("window")
+    window = normalization(config, info, root)
     laterality = find_laterality(info["class_names"], info["class_abbrevs"], info["lateral_pairs"])
     labeled, generators = make_stream(root, cases.labeled, config, window, laterality, True, "labeled", procs,
                                       pin_memory)

@@ -47,6 +47,7 @@ from skcdf.train.monitor import PseudoLabelMonitor, validate_heads
 from skcdf.train.processes import Processes, gather, start_processes
 from skcdf.train.schedules import poly_lr, rampup_weight
 from skcdf.train.step import TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
+from skcdf.train.data_options import preprocessing as checkpoint_preprocessing
 from skcdf.train.streams import TrainingData, class_counts, open_streams, select_cases, shards_labeled_cases
 from skcdf.utils import atomic_write_text
 
@@ -175,9 +176,7 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     run = Run(
         config=config, out=out, procs=procs, device=device, num_classes=num_classes, amp=hardware["amp"],
         channels_last=hardware["channels_last"], class_abbrevs=class_abbrevs, small_classes=smallest_classes(counts),
-        preprocessing={"size": info.get("size"), "window": info.get("window"), "patch_size": list(config.patch_size),
-                       "class_names": list(info["class_names"]), "class_abbrevs": list(info["class_abbrevs"]),
-                       "lateral_pairs": info["lateral_pairs"]},
+        preprocessing=checkpoint_preprocessing(config, info),
         model=model, step_module=_wrap_step_module(model, config, procs, device), optimizer=optimizer,
         plugin=plugin,
         scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and devices.amp_dtype(device) == torch.float16),
