@@ -1,24 +1,21 @@
 """The training loop: one readable file, no framework (in the spirit of nanoGPT's train.py).
 
 ``train(config, data_dir, out_dir, resume=False)``, at the end of this file, trains any method of
-:mod:`skcdf.methods` and writes the run folder: config.yaml, last.pt, best.pt, metrics.csv,
-train.log and tb/ (TensorBoard). It reads top to bottom: set-up (:func:`_set_up`), the loop over
-epochs (:func:`_train_epoch`), and the end of each epoch (:func:`_end_of_epoch`: validation,
-metrics, checkpoints). The data streams live in :mod:`skcdf.train.streams`, the run folder's
+:mod:`skcdf.methods` and writes the run folder (config.yaml, last.pt, best.pt, metrics.csv, train.log,
+tb/). It reads top to bottom: set-up (:func:`_set_up`), the loop over epochs (:func:`_train_epoch`),
+and the end of each epoch (:func:`_end_of_epoch`: validation, metrics, checkpoints). What is trained
+lives in :mod:`skcdf.train.networks`, the data streams in :mod:`skcdf.train.streams`, the run folder's
 bookkeeping in :mod:`skcdf.train.run_folder`, the loss of one iteration in :mod:`skcdf.train.step`.
 
-Reproducibility: the global RNGs are seeded once (seed + rank); each data stream has its own
-generators (:mod:`skcdf.train.streams`). All of them are checkpointed at epoch boundaries, and every
-epoch starts fresh data iterators, so a resumed run continues exactly where the interrupted one was
-(bit for bit on CPU).
-
-Multi-GPU: under ``torchrun`` each process trains on its shard of both streams with
-DistributedDataParallel; the SKCM's cross attention stays within each rank's own [X_L; X_U]. Only
-rank 0 validates and writes; checkpoints are written in the background (skcdf.checkpoint.CheckpointWriter).
+Reproducibility: the global RNGs are seeded once (seed + rank), each data stream has its own generators,
+all are checkpointed at epoch boundaries and every epoch starts fresh data iterators: a resumed run
+continues exactly where the interrupted one was (bit for bit on CPU). Under ``torchrun`` each process
+trains on its shard of both streams with DistributedDataParallel (the SKCM's cross attention stays
+within each rank's [X_L; X_U]); only rank 0 validates and writes, checkpoints in the background.
 """
-
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,16 +34,15 @@ from tqdm import tqdm
 from skcdf import device as devices
 from skcdf.checkpoint import FORMAT, CheckpointWriter, load_checkpoint
 from skcdf.data.layout import read_dataset_info
-from skcdf.methods.plugin import Context, MethodNet, MethodTraining
-from skcdf.nn import SKCDFNet
-from skcdf.train import run_folder
+from skcdf.methods.plugin import Context, MethodTraining
+from skcdf.train import networks, run_folder
 from skcdf.train.balance import class_keep_probabilities, smallest_classes, unlabeled_keep_probabilities
 from skcdf.train.config import Config, resolve_config, to_yaml
 from skcdf.train.knowledge_transfer import KnowledgeTransfer, parse_ema_order
 from skcdf.train.monitor import PseudoLabelMonitor, validate_heads
 from skcdf.train.processes import Processes, gather, start_processes
 from skcdf.train.schedules import poly_lr, rampup_weight
-from skcdf.train.step import TERMS, TwoFlowForward, semi_supervised_loss, supervised_loss
+from skcdf.train.step import TERMS, semi_supervised_loss, supervised_loss
 from skcdf.train.data_options import preprocessing as checkpoint_preprocessing
 from skcdf.train.streams import TrainingData, class_counts, open_streams, select_cases, shards_labeled_cases
 from skcdf.utils import atomic_write_text
@@ -95,42 +91,6 @@ class Run:
 
 # ----------------------------------------------------------------------------- set-up
 
-def _build_model(config: Config, num_classes: int, procs: Processes, device: torch.device,
-                 channels_last: bool) -> nn.Module:
-    method = config.method
-    if method.plugin:
-        model: nn.Module = MethodNet(method.name, 1, num_classes, config.filters, config.dropout)
-    else:
-        model = SKCDFNet(in_channels=1, num_classes=num_classes, filters=config.filters,
-                         patch_size=config.patch_size, num_heads=config.num_heads, skcm=config.skcm,
-                         shared_decoder=config.shared_decoder, aux_heads=config.aux_heads, dropout=config.dropout)
-        for decoder in {model.labeled_decoder, model.unlabeled_decoder}:
-            decoder.detach_aux = config.balance_mode == "decoupled"  # the balanced loss trains the head alone
-    if procs.world > 1 and config.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-    return model
-
-
-def _wrap_step_module(model: nn.Module, config: Config, procs: Processes, device: torch.device) -> nn.Module:
-    """The module the step calls: both flows in one call (semi), under DDP and torch.compile if configured.
-    A Table 1 method's step calls its networks itself (MethodTraining averages their gradients)."""
-    if config.method.plugin:
-        return model
-    semi = config.method.semi
-    step_module: nn.Module = TwoFlowForward(model) if semi else model
-    if procs.world > 1:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            # a supervised method with two decoders never touches D_l
-            find_unused_parameters=not semi and not config.shared_decoder)
-    if config.compile:
-        step_module = torch.compile(step_module)
-    return step_module
-
-
 def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processes) -> Run:
     """Check the input (before any work), build model, optimiser and data streams, restore last.pt."""
     device = devices.resolve_device(config.device, procs.local_rank)
@@ -149,24 +109,15 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
     random.seed(config.seed + procs.rank)
     np.random.seed(config.seed + procs.rank)
     torch.manual_seed(config.seed + procs.rank)
-    model = _build_model(config, num_classes, procs, device, hardware["channels_last"])
-
+    model = networks.build_model(config, num_classes, procs, device, hardware["channels_last"])
     table1 = config.method.plugin  # a Table 1 method: its own networks and step (skcdf.methods.plugin)
-
-    def new_optimizer(network: nn.Module) -> torch.optim.Optimizer:
-        # fused: one kernel for all parameter tensors instead of a loop over them; the same update up to float
-        # rounding (not bit for bit). Not for the Table 1 steps: some leave parameters without a gradient in an
-        # iteration (SS-Net's selectors of a class absent from the batch), which the fused kernel refuses
-        return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay, fused=not table1)
-
-    optimizer = new_optimizer(model.networks[model.recipe.trained] if table1 else model)
+    optimizer = networks.new_optimizer(config, model.networks[model.recipe.trained] if table1 else model)
     data = open_streams(config, root, info, cases, procs, pin_memory=device.type == "cuda")
     plugin = None
     if table1:
         context = Context(num_classes, tuple(config.patch_size), torch.as_tensor(counts), len(cases.unlabeled),
                           config.batch_unlabeled, data.iterations_per_epoch, config.rampup_epochs or config.epochs,
-                          config.method_weight, new_optimizer, device)
+                          config.method_weight, functools.partial(networks.new_optimizer, config), device)
         plugin = MethodTraining(model, optimizer, context)
         if devices.amp_dtype(device) == torch.float16:
             hardware["amp"] = False  # the Table 1 steps have no loss scaler: float16 would underflow
@@ -177,7 +128,7 @@ def _set_up(config: Config, root: Path, out: Path, resume: bool, procs: Processe
         config=config, out=out, procs=procs, device=device, num_classes=num_classes, amp=hardware["amp"],
         channels_last=hardware["channels_last"], class_abbrevs=class_abbrevs, small_classes=smallest_classes(counts),
         preprocessing=checkpoint_preprocessing(config, info),
-        model=model, step_module=_wrap_step_module(model, config, procs, device), optimizer=optimizer,
+        model=model, step_module=networks.step_module(model, config, procs, device), optimizer=optimizer,
         plugin=plugin,
         scaler=torch.amp.GradScaler(device.type, enabled=hardware["amp"] and devices.amp_dtype(device) == torch.float16),
         transfer=KnowledgeTransfer(model, parse_ema_order(config.ema_order), config.ema_decay),
