@@ -38,6 +38,10 @@ def test_train_row_times_epochs_between_the_first_and_last_epoch_line(tmp_path):
 
 
 def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
+    import torch
+
+    from skcdf.device import cpu_has_native_bf16, describe_precision
+
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--toy", str(tmp_path / "check")],
@@ -45,8 +49,11 @@ def test_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout[done.stdout.index("| measurement |"):]
     assert "failed" not in table and "skipped" not in table, table
-    assert re.search(r"\| skcdf train synapse_20p \(3 epochs\) \| phantom 32×48×48 \| \| fp32 \| \d+\.\d\d s / epoch, \d+ s one-off; 1500 epochs ≈ "
-                     r"\d+\.\d min \| \| last val Dice \d+\.\d\d \|", table), table
+    native = cpu_has_native_bf16()  # amp auto: bf16 autocast on such a CPU, and the table says so
+    precision = re.escape(describe_precision(torch.device("cpu"), native, native, "auto"))
+    assert re.search(rf"\| skcdf train synapse_20p \(3 epochs\) \| phantom 32×48×48 \| \| {precision} \| "
+                     r"\d+\.\d\d s / epoch, \d+ s one-off; 1500 epochs ≈ \d+\.\d min \| \| last val Dice \d+\.\d\d \|",
+                     table), table
     for workers in (0, 2):
         assert re.search(rf"\| data streams, one synapse_20p epoch \| patch 32×32×32 \| host \| num_workers={workers} "
                          r"\| \d+ ms / epoch", table), table
