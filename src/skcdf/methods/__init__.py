@@ -80,7 +80,8 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("labeled_only", "Labeled only (VNet)", ablation=True, demo_title="Labeled only (phantom)", **_SUPERVISED),
     # every training case labeled: the upper bound
     Method("fully_supervised", "Fully supervised (VNet)", labeled_split="train_split", **_SUPERVISED),
-    # the paper's Table 1 methods, in its order, as DHC's code base trains them (docs/methods.md)
+    # the paper's Table 1 methods, in its order, as DHC's code base trains them (GenericSSL: as its own code
+    # base does; docs/methods.md)
     *(Method(name, title, module=module, paper=paper, **_PLUGIN) for name, title, module, paper in (
         ("uamt", "UA-MT", "uamt", "Yu et al., MICCAI 2019"),
         ("urpc", "URPC", "urpc", "Luo et al., MICCAI 2021"),
@@ -94,6 +95,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
         ("basak", "Basak et al.", "acisis", "Basak et al., MICCAI 2022"),
         ("cld", "CLD", "cld", "Lin et al., MICCAI 2022"),
         ("dhc", "DHC", "dhc", "Wang & Li, MICCAI 2023"),
+        ("genericssl", "GenericSSL", "genericssl", "Wang & Li, NeurIPS 2023"),
     )),
 )}
 
