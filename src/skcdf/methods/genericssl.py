@@ -543,7 +543,8 @@ def genericssl_step(net: GenericSSLNet, optimizer: torch.optim.Optimizer, state:
         epoch: 0-based epoch (sets μ). draws: the random numbers (default: torch's).
         augment: apply the strong augmentation (the replay feeds batches augmented by the code's loaders).
     Returns:
-        ``LOSS_TERMS`` as floats, plus ``weights``, the (K,) class weights of the difficulty-weighted loss.
+        ``LOSS_TERMS`` as floats, plus ``weights``, the (K,) class weights of the difficulty-weighted loss, and
+        ``pseudo_labels`` (b_u, D, H, W).
     """
     draws = draws or Draws()
     if augment:
@@ -570,7 +571,7 @@ def genericssl_step(net: GenericSSLNet, optimizer: torch.optim.Optimizer, state:
     values = (deno, diff, deno + diff, unsup, mu, loss)
     report: dict[str, Any] = {name: float(v.detach()) if isinstance(v, Tensor) else float(v)
                               for name, v in zip(LOSS_TERMS, values)}
-    report["weights"] = weights.detach().clone()
+    report.update(weights=weights.detach().clone(), pseudo_labels=pseudo)
     return report
 
 
