@@ -9,7 +9,6 @@ DDIM's starting noise, the Gumbel draws and every draw of the augmentation. Tole
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from skcdf.methods.dhc import DiffDW
 from skcdf.methods.genericssl import (Draws, GenericSSLConfig, GenericSSLNet, GenericSSLState, from_genericssl_state_dict,
                                       genericssl_step, strong_augment)
-from tests.methods.replay import LOSS_TOLERANCE, STATE_TOLERANCE, relative_difference
+from tests.methods.replay import LOSS_TOLERANCE, STATE_TOLERANCE, relative_difference, through_file
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "genericssl" / "genericssl.pt"
 
@@ -138,10 +137,7 @@ def test_genericssl_resumes_bit_exactly(fixture):
     into fresh objects: iteration 2 gives the same bits."""
     net, optimizer, state, config = _start(fixture)
     _iteration(fixture, 0, net, optimizer, state, config)
-    buffer = io.BytesIO()
-    torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "state": state.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_file(net, optimizer, state)
     other, other_optimizer, restored, _ = _start(fixture)
     other.load_state_dict(saved["net"])
     other_optimizer.load_state_dict(saved["optimizer"])
