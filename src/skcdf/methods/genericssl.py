@@ -305,12 +305,10 @@ def ddim_x0(denoiser: _Denoiser, image: Tensor, num_classes: int, schedule: Sche
     for i in reversed(range(len(ab))):
         t = torch.full((image.shape[0],), i, dtype=torch.long, device=image.device)
         x0 = denoiser(y, timesteps[t], image).clamp(-1, 1)
-        if i == 0:
-            return x0
         eps = (schedule.coefficient(recip, t, y.dtype) * y - x0) / schedule.coefficient(recipm1, t, y.dtype)
         prev = schedule.coefficient(ab_prev, t, y.dtype)
-        y = x0 * torch.sqrt(prev) + torch.sqrt(1 - prev) * eps
-    raise ValueError("a schedule without steps")
+        y = x0 * torch.sqrt(prev) + torch.sqrt(1 - prev) * eps  # the last one is not used, as in the code
+    return x0
 
 
 @functools.lru_cache(maxsize=None)
