@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -227,15 +226,20 @@ class GenericSSLNet(nn.Module):
         return self.decoder_theta(*self._features(image))
 
 
-_UNUSED = re.compile(r"^embedding\.temb\.|\.temb_fusion\.")
+def _unused(net: GenericSSLNet) -> tuple[str, ...]:
+    """Key prefixes of what ``DiffVNet`` builds and never uses: the image stem's time MLP, and the time fusion
+    of the last stage of every block (``ConvBlockTemb`` gives it one and skips it)."""
+    last_stages = (f"{name}.ops.{len(block.ops) - 1}.temb_fusion." for name, block in net.named_modules()
+                   if isinstance(block, _ConvBlock))
+    return ("embedding.temb.", *last_stages)
 
 
 def from_genericssl_state_dict(net: GenericSSLNet, state_dict: Mapping[str, Tensor]) -> GenericSSLNet:
     """Load a ``DiffVNet`` state dict: every key of ``net`` must be there; the extra keys may only be the
     parameters the code never uses. Dtypes are converted to the net's."""
-    ours = net.state_dict()
+    ours, unused = net.state_dict(), _unused(net)
     missing = set(ours) - set(state_dict)
-    extra = [key for key in state_dict if key not in ours and not _UNUSED.search(key)]
+    extra = [key for key in state_dict if key not in ours and not key.startswith(unused)]
     if missing or extra:
         raise KeyError(f"not a matching DiffVNet state dict: missing {sorted(missing)}, unexpected {extra}")
     net.load_state_dict({key: state_dict[key] for key in ours})
@@ -510,9 +514,9 @@ class GenericSSLState:
 
 @dataclass
 class Draws:
-    """Where a step's random numbers come from: diffusion times (n, steps, device) → (n,) int64 in [0, steps); standard normal noise
-    like a tensor (the diffusion's ε, then DDIM's start); Gumbel noise like a tensor; the augmentation's.
-    The defaults draw from torch's generators; the replay test injects recorded ones."""
+    """Where a step's random numbers come from: diffusion times (n, steps, device) → (n,) int64 in [0, steps);
+    standard normal noise like a tensor (the diffusion's ε, then DDIM's start); Gumbel noise like a tensor; the
+    augmentation's. The defaults draw from torch's generators; the replay test injects recorded ones."""
 
     timesteps: Callable[[int, int, torch.device], Tensor] = _uniform_timesteps
     normal: Callable[[Tensor], Tensor] = torch.randn_like
