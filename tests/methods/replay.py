@@ -51,6 +51,15 @@ def inputs(fixture: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return data["image_l"].double(), data["label_l"].long(), data["image_u"].double()
 
 
+def through_file(net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> dict[str, Any]:
+    """A network's, its optimiser's and a method state's ``state_dict`` after ``torch.save`` and a
+    ``weights_only`` load, as a checkpoint brings them back (keys ``net``, ``optimizer``, ``state``)."""
+    buffer = io.BytesIO()
+    torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "state": state.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     ours, theirs = ours.detach().double(), theirs.double()
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-300))
@@ -138,14 +147,10 @@ def resume_pair(method: PairReplay, fresh: Callable[[dict], tuple] | None = None
     fixture = load_fixture(method.fixture)
     net_a, optimizer_a, state, config = method.start(fixture)
     pair_iteration(method, fixture, 0, net_a, optimizer_a, state, config)
-    buffer = io.BytesIO()
-    torch.save({"net_a": net_a.state_dict(), "optimizer_a": optimizer_a.state_dict(), "state": state.state_dict()},
-               buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_file(net_a, optimizer_a, state)
     other_a, other_optimizer, restored, _ = (fresh or method.start)(fixture)
-    other_a.load_state_dict(saved["net_a"])
-    other_optimizer.load_state_dict(saved["optimizer_a"])
+    other_a.load_state_dict(saved["net"])
+    other_optimizer.load_state_dict(saved["optimizer"])
     restored.load_state_dict(saved["state"])
     terms = [pair_iteration(method, fixture, 1, net, opt, st, config)
              for net, opt, st in ((net_a, optimizer_a, state), (other_a, other_optimizer, restored))]

@@ -6,7 +6,6 @@ injected. The feature memory starts from the fixture's ``memory_start`` and is c
 
 from __future__ import annotations
 
-import io
 import re
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from skcdf.methods.ssnet import (LOSS_TERMS, SSNetConfig, SSNetState, SSNetVNet, from_dhc_ssnet_state_dict,
                                  ssnet_step, ssnet_to_skcdf_key)
 from tests.methods.replay import (LOSS_TOLERANCE, STATE_TOLERANCE, assert_losses_match, inputs, load_fixture,
-                                  relative_difference, schedule, sgd)
+                                  relative_difference, schedule, sgd, through_file)
 
 #: fixture key → step key (DHC's ``loss_seg``, the CE it never adds, is the step's ``ce_unused``)
 LOSS_NAMES = {"loss_seg": "ce_unused", "loss_seg_dice": "loss_seg_dice", "loss_lds": "loss_lds",
@@ -118,10 +117,7 @@ def test_ssnet_resumes_from_saved_state():
     fixture = load_fixture("ssnet")
     net, optimizer, state, config = start(fixture)
     iteration(fixture, 0, net, optimizer, state, config)
-    buffer = io.BytesIO()
-    torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "state": state.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_file(net, optimizer, state)
     other = SSNetVNet(1, fixture["hparams"]["num_classes"], fixture["model_args"]["n_filters"]).double()
     other.load_state_dict(saved["net"])
     other_optimizer = sgd(other, fixture)

@@ -91,11 +91,12 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("labeled_only", "Labeled only (VNet)", ablation=True, demo_title="Labeled only (phantom)", **_SUPERVISED),
     # every training case labeled: the upper bound
     Method("fully_supervised", "Fully supervised (VNet)", labeled_split="train_split", **_SUPERVISED),
-    # the paper's Table 1 methods, in its order, as DHC's code base trains them (docs/methods.md)
+    # the paper's Table 1 methods, in its order, as DHC's code base trains them (GenericSSL: as its own code
+    # base does; docs/methods.md)
     *(Method(name, title, module=module, paper=paper, trains_without_unlabeled=without, **_PLUGIN)
       for name, title, module, paper, without in (
-        # without: its step takes an empty unlabeled batch at weight 0 (URPC's, DST's, Basak's and DHC's
-        # unlabeled terms average over no voxels, which is NaN even at weight 0)
+        # without: its step takes an empty unlabeled batch at weight 0 (URPC's, DST's, Basak's, DHC's and
+        # GenericSSL's unlabeled terms average over no voxels, which is NaN even at weight 0)
         ("uamt", "UA-MT", "uamt", "Yu et al., MICCAI 2019", True),
         ("urpc", "URPC", "urpc", "Luo et al., MICCAI 2021", False),
         ("cps", "CPS", "cps", "Chen et al., CVPR 2021", True),
@@ -108,6 +109,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
         ("basak", "Basak et al.", "acisis", "Basak et al., MICCAI 2022", False),
         ("cld", "CLD", "cld", "Lin et al., MICCAI 2022", True),
         ("dhc", "DHC", "dhc", "Wang & Li, MICCAI 2023", False),
+        ("genericssl", "GenericSSL", "genericssl", "Wang & Li, NeurIPS 2023", False),
     )),
 )}
 

@@ -54,12 +54,15 @@ class DiffDW:
 
     State: ``last_dice`` (Dice of the previous iteration, 1e-8 at first), ``cls_learn`` / ``cls_unlearn``
     (EMAs of the per-class learning / unlearning amounts), ``dice_weight`` (EMA of 1 − Dice, 1 at first).
+    ``normalise``: scale the weights so that their maximum is K (DHC); off, they are K · w (GenericSSL's
+    ``Difficulty``, which is otherwise the same code).
     """
 
     num_classes: int
     accumulate_iters: int = 50
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
+    normalise: bool = True
     last_dice: Tensor = field(init=False)
     cls_learn: Tensor = field(init=False)
     cls_unlearn: Tensor = field(init=False)
@@ -76,7 +79,8 @@ class DiffDW:
 
         d = hard batch Dice per class; Δ = d − d_prev; learn = max(Δ, 0)·ln(d/d_prev),
         unlearn = min(Δ, 0)·ln(d/d_prev), both EMA'd with momentum (τ−1)/τ;
-        w = ((unlearn + 1e-8)/(learn + 1e-8))^(1/5) · EMA(1 − d); returned as K · w / max w.
+        w = ((unlearn + 1e-8)/(learn + 1e-8))^(1/5) · EMA(1 − d); returned as K · w / max w
+        (``normalise``) or K · w.
         """
         dice = _hard_dice(logits.detach().argmax(1), labels, self.num_classes, self.dtype)
         delta = dice - self.last_dice
@@ -90,7 +94,7 @@ class DiffDW:
         difficulty = torch.pow((self.cls_unlearn + 1e-8) / (self.cls_learn + 1e-8), 1 / 5)
         self.dice_weight = _ema(1.0 - dice, self.dice_weight, momentum)
         weights = difficulty * self.dice_weight
-        return weights / weights.max() * self.num_classes
+        return weights / weights.max() * self.num_classes if self.normalise else weights * self.num_classes
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: getattr(self, k).clone() for k in ("last_dice", "cls_learn", "cls_unlearn", "dice_weight")}
