@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter, map_coordinates
 from torch import Tensor, nn
 
+from skcdf.device import fp32_where_cpu_bf16_fails
 from skcdf.methods.common import ReplayableDropout3d, WeightSchedule, dice_ce
 from skcdf.methods.dhc import DiffDW
 from skcdf.methods.plugin import Context, Recipe
@@ -82,7 +83,7 @@ class _ConvStage(nn.Module):
         self.temb_fusion = _TimeFusion(c_out, time_dim) if time_dim else None
 
     def forward(self, x: Tensor, temb: Tensor | None) -> Tensor:
-        x = self.dropout(self.norm(F.relu(self.conv(x))))
+        x = self.dropout(self.norm(F.relu(fp32_where_cpu_bf16_fails(self.conv, x))))
         return x if self.temb_fusion is None else self.temb_fusion(x, temb)
 
 
