@@ -380,3 +380,9 @@ def test_cli_refuses_bad_input_with_status_2(run_folder, tmp_path, capsys):
     assert main(["predict", str(run), str(tmp_path / "scan.nii.gz"), str(tmp_path / "out"), "--device", "gpu0"]) == 2
     assert "--device gpu0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_offers_exactly_the_decoders_inference_knows():
+    from skcdf.cli import predict as cli_predict  # written out there so that --help does not load torch
+
+    assert cli_predict.DECODERS == infer.DECODERS

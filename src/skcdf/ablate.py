@@ -283,20 +283,19 @@ def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Pa
               validation: Path | None = None) -> None:
     """Predict the test split with the row's test-time rule and evaluate it into ``evaluation``; the same on
     the run's validation split into ``validation``, when given."""
-    import yaml
-
     from skcdf.checkpoint import load_model
     from skcdf.infer import InferenceSettings
     from skcdf.predict import predict_and_evaluate
+    from skcdf.train.config import load_config
 
     plugin = methods.method(row.overrides.get("variant", methods.MAIN)).step == "plugin"
     # a plug-in has no decoder to choose
-    rule = ("its test-time rule" if plugin else rule_title(row.decoder, False)) + (" + flip TTA" if row.tta else "")
+    rule = "its test-time rule" + (" + flip TTA" if row.tta else "") if plugin else rule_title(row.decoder, row.tta)
     print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule})", flush=True)
     model, preprocessing = load_model(run)
     settings = InferenceSettings(decoder=row.decoder, tta=row.tta)
     predict_and_evaluate(model, data, run / f"pred-{row.rule}", evaluation, preprocessing, row.title, settings)
     if validation is not None:
-        split = yaml.safe_load((run / "config.yaml").read_text())["val_split"]
+        split = load_config(str(run / "config.yaml")).val_split
         predict_and_evaluate(model, data, run / f"pred-{row.rule}-{split}", validation, preprocessing, row.title,
                              settings, split)

@@ -118,8 +118,8 @@ def hardware_settings(amp: bool | str, channels_last: bool | str, device_type: s
     and for a CPU with native bf16 (:func:`cpu_has_native_bf16`; bf16 autocast with channels_last_3d was
     the fastest CPU variant of benchmarks/train_step.py; with ``amp: false`` the layout stays contiguous
     there), and off elsewhere, so that other CPUs and MPS keep the reference's fp32 numerics and memory
-    layout. ``amp: false`` keeps a run in fp32, as the reference
-    trains; ``amp: true`` asks for autocast on CUDA or any CPU.
+    layout. ``amp: false`` keeps a run in fp32, as the reference trains; ``amp: true`` asks for autocast on
+    CUDA or any CPU.
 
     Raises:
         InputError: ``amp: true`` on a device other than CUDA or the CPU.
