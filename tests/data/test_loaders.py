@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from skcdf.data.layout import load_image, load_label, write_case
-from skcdf.data.loaders import CenterCropDataset, PatchDataset, class_voxel_counts
+from skcdf.data.loaders import CenterCropDataset, PatchDataset, WholeVolumeDataset, class_voxel_counts
 from skcdf.data.preprocess import normalize_intensity
 from skcdf.utils import InputError
 
@@ -93,6 +93,14 @@ def test_center_crop_dataset(dataset_root):
     volume = normalize_intensity(np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE), None)
     np.testing.assert_allclose(dataset[0]["image"][0].numpy(), volume[1:9, 2:18, 4:20])
     assert dataset[1]["image"].shape == (1, *PATCH) and set(dataset[1]) == {"image", "label", "case"}
+
+
+def test_whole_volume_dataset_gives_each_case_at_its_own_size(dataset_root):
+    dataset = WholeVolumeDataset(dataset_root, ["a", "small"], PATCH, window=None)
+    volume = normalize_intensity(np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE), None)
+    np.testing.assert_allclose(dataset[0]["image"][0].numpy(), volume)
+    np.testing.assert_array_equal(dataset[1]["label"].numpy(), load_label(dataset_root, "small"))
+    assert dataset[1]["image"].shape == (1, *load_image(dataset_root, "small").shape)
 
 
 def _batches(dataset, seed: int, workers: int) -> list[dict]:

@@ -18,9 +18,10 @@ def test_defaults_keep_the_reference_protocol_and_own_data_takes_nnunets():
     assert (DEFAULTS["foreground_share"], DEFAULTS["class_sampling_power"]) == (0.33, 0.5)
     for preset in ("synapse_20p", "amos_5p", "phantom", "phantom_tiny"):
         config = load_config(preset)
-        assert (config.normalization, config.patch_sampling) == ("minmax", "uniform"), preset
+        assert (config.normalization, config.patch_sampling, config.val_region) == ("minmax", "uniform", "crop"), preset
     own = load_config("own_data")
     assert (own.normalization, own.patch_sampling, own.foreground_share) == ("dataset", "foreground", 0.33)
+    assert own.val_region == "whole"
 
 
 @pytest.mark.parametrize("overrides, message", [

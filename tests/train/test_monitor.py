@@ -68,6 +68,44 @@ def test_a_shared_decoder_without_skcm_is_run_once_per_batch():
         np.testing.assert_allclose(dice[head].numpy(), np.mean(per_case, axis=0), atol=1e-9)
 
 
+def _window_starts(size: int, window: int, step: int) -> list[int]:
+    """Window starts along one axis: every ``step`` voxels, the last one flush with the end."""
+    return sorted({*range(0, size - window, step), size - window})
+
+
+def test_whole_cases_are_scored_by_a_sliding_window_equal_to_a_naive_loop():
+    torch.manual_seed(0)
+    model = SKCDFNet(num_classes=K, filters=2, patch_size=(32, 32, 32), skcm=True, aux_heads=True).eval()
+    image = torch.rand(1, 1, 40, 56, 36)
+    label = torch.randint(0, K, (1, 40, 56, 36))
+    dice = validate_heads(model, [{"image": image, "label": label}], torch.device("cpu"), K, window=(32, 32, 32))
+    assert set(dice) == set(HEADS)
+    total = {head: torch.zeros(1, K, 40, 56, 36) for head in HEADS}
+    count = torch.zeros(1, 1, 40, 56, 36)
+    with torch.no_grad():
+        for d in _window_starts(40, 32, 16):
+            for h in _window_starts(56, 32, 16):
+                for w in _window_starts(36, 32, 16):
+                    region = (slice(None), slice(None), slice(d, d + 32), slice(h, h + 32), slice(w, w + 32))
+                    patch = image[region]
+                    outputs = model.forward_labeled_decoder(patch) + model(patch, flow="unlabeled")
+                    for head, logits in zip(HEADS, outputs):
+                        total[head][region] += logits.softmax(1)
+                    count[region] += 1
+    for head in HEADS:
+        prediction = (total[head] / count)[0].argmax(0).numpy()
+        expected = dice_per_class(prediction, label[0].numpy(), range(1, K))
+        np.testing.assert_allclose(dice[head].numpy(), expected, atol=1e-9)
+
+
+def test_a_run_can_select_its_checkpoint_on_whole_cases(tiny_phantom, tmp_path):
+    train(tiny_config(val_region="whole", epochs=1), tiny_phantom, tmp_path / "run")
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        row = list(csv.DictReader(handle))[-1]
+    assert 0 <= float(row["val_dice_mean"]) <= 100 and float(row["val_dice_unlabeled_main"]) == float(row["val_dice_mean"])
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_pseudo_label_monitor_pools_an_epoch():
     monitor = PseudoLabelMonitor(K, torch.device("cpu"))
     first, second = _label_maps(1), _label_maps(2)

@@ -35,7 +35,7 @@ from skcdf.data.sampling import PatchSampler, PatchSampling, centred_starts
 from skcdf.data.stats import class_voxel_counts
 from skcdf.utils import InputError
 
-__all__ = ["PatchDataset", "CenterCropDataset", "class_voxel_counts"]
+__all__ = ["PatchDataset", "CenterCropDataset", "WholeVolumeDataset", "class_voxel_counts"]
 
 Region = tuple[tuple[slice, ...], tuple[slice, ...]]
 #: A CT window (low, high) for min-max scaling, None (min-max without clipping), or any normalisation.
@@ -108,13 +108,15 @@ class _CaseVolumes(Dataset):
         return load_image(self.root, self.case_ids[index], mmap=True)
 
     def _patch(self, index: int, starts: Sequence[int], flip_axes: Sequence[int],
-               swap: tuple[tuple[int, int], ...] = ()) -> dict:
+               swap: tuple[tuple[int, int], ...] = (), size: Sequence[int] | None = None) -> dict:
         """The item: image (1, D, H, W) float32, label (D, H, W) int64 if labeled, case id.
 
-        The patch is flipped along ``flip_axes``; the labels of each ``swap`` pair are then exchanged.
+        The patch (of ``size``, default the patch size) is flipped along ``flip_axes``; the labels of
+        each ``swap`` pair are then exchanged.
         """
-        source, destination = crop_region(self.volume_shape(index), self.patch_size, starts)
-        image = np.zeros(self.patch_size, dtype=np.float32)
+        size = tuple(size or self.patch_size)
+        source, destination = crop_region(self.volume_shape(index), size, starts)
+        image = np.zeros(size, dtype=np.float32)
         if self.cache:
             image[destination] = self._images[index][source]
         else:
@@ -122,7 +124,7 @@ class _CaseVolumes(Dataset):
         item = {"image": torch.from_numpy(np.flip(image, flip_axes).copy()).unsqueeze(0),
                 "case": self.case_ids[index]}
         if self.with_labels:
-            label = np.zeros(self.patch_size, dtype=np.int64)
+            label = np.zeros(size, dtype=np.int64)
             label[destination] = self._labels[index][source]
             label = np.flip(label, flip_axes)
             item["label"] = torch.from_numpy(swap_labels(label, swap) if swap else label.copy())
@@ -202,3 +204,18 @@ class CenterCropDataset(_CaseVolumes):
     def __getitem__(self, index: int) -> dict:
         starts = [max(size - patch, 0) // 2 for size, patch in zip(self.volume_shape(index), self.patch_size)]
         return self._patch(index, starts, [])
+
+
+class WholeVolumeDataset(_CaseVolumes):
+    """Validation volumes: each labeled case whole, no flips, for a sliding window (``val_region: whole``).
+
+    Item keys as :class:`PatchDataset` (always with ``"label"``), at the volume's own size (D, H, W);
+    ``patch_size`` is the window the volumes will be scored with.
+    """
+
+    def __init__(self, root: str | os.PathLike, case_ids: Sequence[str], patch_size: Sequence[int], *,
+                 window: Window = CT_WINDOW, cache: bool = True) -> None:
+        super().__init__(root, case_ids, patch_size, with_labels=True, window=window, cache=cache)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._patch(index, [0, 0, 0], [], size=self.volume_shape(index))

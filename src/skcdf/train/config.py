@@ -27,6 +27,7 @@ from skcdf.data.laterality import FLIP_MODES
 from skcdf.data.sampling import SAMPLING_MODES
 from skcdf.train.knowledge_transfer import parse_ema_order
 from skcdf.train.losses import BALANCE_MODES
+from skcdf.train.monitor import VAL_REGIONS
 from skcdf.utils import InputError
 
 #: A key's check: (value, key) -> the value in its canonical type; raises _Invalid(rule) when it is not allowed.
@@ -184,6 +185,8 @@ class Config:
     unlabeled_split: str = _key("unlabeled_20p", "split of the unlabeled cases", _split)
     train_split: str = _key("train", "split of every training case", _split)
     val_split: str = _key("eval", "split of the validation cases", _split)
+    val_region: str = _key("crop", "what validation scores: each case's centre patch (crop, the reference's) or "
+                                   "the whole case by a sliding window (whole)", _one_of(VAL_REGIONS))
     labeled_cases: int | None = _key(None, "first N labeled cases only (null: all)", _integer(1, optional=True))
     batch_labeled: int = _key(2, "labeled volumes per step and process", _integer(1))
     batch_unlabeled: int = _key(2, "unlabeled volumes per step and process (0: none, a Table 1 method's control)",

@@ -2,9 +2,10 @@
 
 Two cheap measurements, both computed on the device and synced once per validation or epoch:
 
-- :func:`validate_heads`: hard Dice (%) on the validation crops of each of the four heads — D_l main,
-  D_l aux, D_u main, D_u aux. The inference head (D_u main by default) is the paper's validation
-  score; the others show which part of the network learns and which collapses.
+- :func:`validate_heads`: hard Dice (%) on the validation cases of each of the four heads — D_l main,
+  D_l aux, D_u main, D_u aux — on their centre crops (the reference's) or, with ``val_region: whole``,
+  on the whole cases by a sliding window. The inference head (D_u main by default) is the paper's
+  validation score; the others show which part of the network learns and which collapses.
 - :class:`PseudoLabelMonitor`: the quality of the pseudo-labels the step actually trains on (train
   mode, cross-mode SKCM, dropout on), pooled over an epoch: their Dice against the true labels of
   the unlabeled training cases when the data set has them (the phantom does; they never reach the
@@ -14,14 +15,17 @@ Two cheap measurements, both computed on the device and synced once per validati
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 #: The four heads, in the order of the columns ``val_dice_<head>``.
 HEADS = ("labeled_main", "labeled_aux", "unlabeled_main", "unlabeled_aux")
+#: What validation scores (config ``val_region``): each case's centre crop, or the whole case.
+VAL_REGIONS = ("crop", "whole")
 
 
 def confusion_counts(prediction: Tensor, label: Tensor, num_classes: int) -> Tensor:
@@ -49,17 +53,19 @@ def dice_from_confusion(confusion: Tensor) -> Tensor:
 
 @torch.no_grad()
 def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device,
-                   num_classes: int, autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Tensor]:
-    """Per-class hard Dice (%) of each head on the validation crops, averaged over the cases.
+                   num_classes: int, autocast: Callable[[], Any] = contextlib.nullcontext,
+                   window: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """Per-class hard Dice (%) of each head on the validation cases, averaged over the cases.
 
-    batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64, centre crops of the
-    patch size. D_l is run as at inference with the labeled decoder (cross mode, each crop paired with
-    itself); D_u by the unlabeled flow. Heads the model lacks (no aux heads) are left out. A model
-    with one path (``single_path``: one shared decoder and no SKCM, as the baseline and the supervised
-    references, or a Table 1 method's MethodNet) runs once.
+    batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64: centre crops of the
+    patch size, or (``window`` given) whole volumes, each scored by a sliding window of ``window``
+    (D, H, W) voxels stepping half a window, its probabilities averaged where windows overlap. D_l is
+    run as at inference with the labeled decoder (cross mode, each crop paired with itself); D_u by the
+    unlabeled flow. Heads the model lacks (no aux heads) are left out. A model with one path
+    (``single_path``: one shared decoder and no SKCM, as the baseline and the supervised references,
+    or a Table 1 method's MethodNet) runs once.
     Returns {head: float64 (K-1,) on the CPU}, foreground classes only.
     """
-    one_path = model.single_path
     was_training = model.training
     model.eval()
     totals: dict[str, Tensor] = {}
@@ -68,15 +74,33 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         with autocast():
-            labeled = model.forward_labeled_decoder(image)
-            outputs = labeled + (labeled if one_path else model(image, flow="unlabeled"))
-        for head, logits in zip(HEADS, outputs):
-            if logits is not None:
-                dice = dice_from_confusion(confusion_counts(logits.argmax(1), label, num_classes))
-                totals[head] = totals.get(head, 0) + dice[:, 1:].sum(0)
+            outputs = _head_logits(model, image) if window is None else _whole_case_heads(model, image, window)
+        for head, logits in outputs.items():
+            dice = dice_from_confusion(confusion_counts(logits.argmax(1), label, num_classes))
+            totals[head] = totals.get(head, 0) + dice[:, 1:].sum(0)
         cases += image.shape[0]
     model.train(was_training)
     return {head: (total / max(cases, 1)).cpu() for head, total in totals.items()}
+
+
+def _head_logits(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
+    """{head: logits (b, K, D, H, W)} of the heads the model has, for a batch of patches."""
+    labeled = model.forward_labeled_decoder(image)
+    outputs = labeled + (labeled if model.single_path else model(image, flow="unlabeled"))
+    return {head: logits for head, logits in zip(HEADS, outputs) if logits is not None}
+
+
+def _whole_case_heads(model: nn.Module, image: Tensor, window: Sequence[int]) -> dict[str, Tensor]:
+    """{head: probabilities (b, K, D, H, W)} over whole volumes, by MONAI's sliding window (half-window steps)."""
+    heads: list[str] = []
+
+    def probabilities(patches: Tensor) -> tuple[Tensor, ...]:
+        outputs = _head_logits(model, patches)
+        heads[:] = outputs
+        return tuple(logits.float().softmax(1) for logits in outputs.values())
+
+    blended = sliding_window_inference(image, tuple(window), 4, probabilities, overlap=0.5, mode="constant")
+    return dict(zip(heads, blended))
 
 
 class PseudoLabelMonitor:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from skcdf.data.laterality import Laterality, find_laterality
 from skcdf.data.layout import has_label, read_split
-from skcdf.data.loaders import CenterCropDataset, PatchDataset, class_voxel_counts
+from skcdf.data.loaders import CenterCropDataset, PatchDataset, WholeVolumeDataset, class_voxel_counts
 from skcdf.train.config import Config
 from skcdf.train.data_options import normalization, patch_sampling
 from skcdf.train.processes import Processes
@@ -159,7 +159,7 @@ class TrainingData:
     labeled: DataLoader                   # random patches of the labeled cases
     unlabeled: DataLoader | None          # random patches of the unlabeled cases; None: supervised, batch_unlabeled 0
     unlabeled_has_labels: bool            # true labels of the unlabeled cases, for the pseudo-label monitor only
-    validation: DataLoader | None         # centre crops of the validation cases
+    validation: DataLoader | None         # the validation cases: centre crops, or whole (val_region)
     generators: dict[str, torch.Generator]
     iterations_per_epoch: int
 
@@ -186,7 +186,10 @@ def open_streams(config: Config, root: Path, info: dict[str, Any], cases: Cases,
                                                       unlabeled_has_labels, "unlabeled", procs, pin_memory)
         generators.update(unlabeled_generators)
     validation = None
-    if cases.validation:
+    if cases.validation and config.val_region == "whole":  # volumes of different sizes: one at a time
+        volumes = WholeVolumeDataset(root, cases.validation, tuple(config.patch_size), window=window)
+        validation = DataLoader(volumes, batch_size=1, pin_memory=pin_memory)
+    elif cases.validation:
         crops = CenterCropDataset(root, cases.validation, tuple(config.patch_size), window=window)
         validation = DataLoader(crops, batch_size=config.batch_labeled + config.batch_unlabeled, pin_memory=pin_memory)
     # without unlabeled volumes (a control), an epoch keeps the length it has when they come at the labeled batch size

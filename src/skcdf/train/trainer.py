@@ -301,8 +301,9 @@ def _diverged(run: Run, term: str, iteration: int) -> None:
 # ----------------------------------------------------------------------------- end of epoch
 
 def _validate(run: Run, row: dict[str, Any]) -> bool:
-    """Dice of every head on the validation crops into ``row``; True when the inference head improved."""
-    dice = validate_heads(run.model, run.data.validation, run.device, run.num_classes, run.autocast)
+    """Dice of every head on the validation cases into ``row``; True when the inference head improved."""
+    window = run.config.patch_size if run.config.val_region == "whole" else None
+    dice = validate_heads(run.model, run.data.validation, run.device, run.num_classes, run.autocast, window)
     inference_head = f"{run.config.inference_decoder}_main"
     row["val_dice_mean"] = float(dice[inference_head].mean())
     row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(run.class_abbrevs, dice[inference_head])})
