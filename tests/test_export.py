@@ -10,7 +10,7 @@ import torch
 from skcdf import Segmenter
 from skcdf.cli import main
 from skcdf.export import OnnxModel, export_onnx
-from skcdf.infer import model_logits
+from skcdf.infer import InferenceSettings, model_logits
 from skcdf.nn import SKCDFNet
 from skcdf.utils import InputError
 from tests.scans import box_scan
@@ -47,7 +47,8 @@ def exported(tiny_model, tmp_path_factory, request) -> tuple[str, OnnxModel]:
 
 def test_onnxruntime_matches_pytorch_on_random_windows(tiny_model, exported):
     decoder, onnx_model = exported
-    assert onnx_model.preprocessing == PREPROCESSING and onnx_model.decoder == decoder
+    assert onnx_model.preprocessing == {**PREPROCESSING, "decoder": decoder} and onnx_model.decoder == decoder
+    assert InferenceSettings().for_model(onnx_model.preprocessing).decoder == decoder  # its default rule
     generator = torch.Generator().manual_seed(2)
     for batch in (1, 3):  # the batch axis is dynamic
         windows = torch.rand(batch, 1, 32, 32, 32, generator=generator)

@@ -382,7 +382,8 @@ def test_cli_refuses_bad_input_with_status_2(run_folder, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_cli_offers_exactly_the_decoders_inference_knows():
+def test_the_cli_and_the_configuration_offer_exactly_the_decoders_inference_knows():
     from skcdf.cli import predict as cli_predict  # written out there so that --help does not load torch
+    from skcdf.train.config import INFERENCE_DECODERS
 
-    assert cli_predict.DECODERS == infer.DECODERS
+    assert cli_predict.DECODERS == infer.DECODERS == INFERENCE_DECODERS

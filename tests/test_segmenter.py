@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from skcdf import Segmenter, infer
+from skcdf.checkpoint import load_checkpoint, load_model, save_checkpoint
 from skcdf.infer import InferenceSettings
 from skcdf.utils import InputError
 from tests.dicom_series import write_series
@@ -28,6 +29,24 @@ def test_load_keeps_the_checkpoint_preprocessing(run_folder):
     assert segmenter.class_names == ["background", "liver", "spleen"]
     assert segmenter.preprocessing["size"] == NET_PREPROCESSING["size"] and segmenter.settings.tta
     assert not segmenter.network.training
+
+
+def test_the_test_time_rule_of_the_training_configuration_is_the_default(run_folder):
+    run, model = run_folder
+    assert InferenceSettings().for_model(load_model(run)[1]) == InferenceSettings(decoder="unlabeled", tta=False)
+    payload = load_checkpoint(run / "best.pt")
+    save_checkpoint(run / "best.pt", {**payload, "config": {"inference_decoder": "mean", "inference_tta": True}})
+    preprocessing = load_model(run)[1]
+    assert InferenceSettings().for_model(preprocessing) == InferenceSettings(decoder="mean", tta=True)
+    assert InferenceSettings(decoder="labeled", tta=False).for_model(preprocessing).tta is False  # asked for: kept
+    scan = box_scan()
+    chosen = Segmenter.load(run, device="cpu").predict(scan, probabilities=True)[1]
+    rule = {**NET_PREPROCESSING, "flips": "reference"}
+    mean_tta, unlabeled = (infer.predict_scan(model, scan, rule, settings, probabilities=True).probabilities
+                           for settings in (InferenceSettings(decoder="mean", tta=True),
+                                            InferenceSettings(decoder="unlabeled", tta=False)))
+    np.testing.assert_allclose(chosen, mean_tta, atol=1e-6)
+    assert not np.allclose(chosen, unlabeled, atol=1e-4)
 
 
 def test_predict_an_image_keeps_its_geometry(segmenter_and_expected):

@@ -148,8 +148,9 @@ def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
     Returns:
         (model, preprocessing) where preprocessing holds ``size`` (the prepared (D, H, W) or None),
         ``window`` ([lo, hi] or None), ``patch_size``, ``class_names``, ``class_abbrevs``,
-        ``lateral_pairs`` (stated in the data set's dataset.json, or None) and ``flips`` (the
-        training configuration's, which TTA follows).
+        ``lateral_pairs`` (stated in the data set's dataset.json, or None), ``flips`` (the
+        training configuration's, which TTA follows), and the test-time rule prediction uses by
+        default, ``decoder`` and ``tta`` (the configuration's ``inference_decoder`` and ``inference_tta``).
     """
     path = resolve_checkpoint(path_or_run)
     payload = load_checkpoint(path)
@@ -158,8 +159,11 @@ def load_model(path_or_run: str | Path, device: str | torch.device = "cpu", *,
             model = build_network(payload["model_args"])
             model.load_state_dict(payload["model"])
             # the training flips decide how --tta flips; a checkpoint from before the key flipped as the reference
-            flips = (payload.get("config") or {}).get("flips", "reference")
-            preprocessing = {**REFERENCE_PREPROCESSING, **payload.get("preprocessing", {}), "flips": flips}
+            config = payload.get("config") or {}
+            preprocessing = {**REFERENCE_PREPROCESSING, **payload.get("preprocessing", {}),
+                             "flips": config.get("flips", "reference"),
+                             "decoder": config.get("inference_decoder", "unlabeled"),  # the test-time rule
+                             "tta": bool(config.get("inference_tta", False))}
         else:
             model = from_reference_state_dict(payload, patch_size=patch_size, num_heads=num_heads)
             preprocessing = {**REFERENCE_PREPROCESSING, "patch_size": list(patch_size)}

@@ -56,7 +56,7 @@ class _MainHead(nn.Module):
 
 
 def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | os.PathLike,
-                decoder: str = "unlabeled") -> Path:
+                decoder: str | None = None) -> Path:
     """Export ``model``'s inference network to an ONNX file (atomically).
 
     Args:
@@ -66,13 +66,15 @@ def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | 
             stored in the model's metadata.
         path: the ``.onnx`` file to write.
         decoder: ``"unlabeled"`` (the paper's inference path), ``"labeled"`` or ``"mean"`` (see
-            :func:`skcdf.infer.model_logits`: its logits are the log of the two decoders' mean probabilities).
+            :func:`skcdf.infer.model_logits`: its logits are the log of the two decoders' mean probabilities);
+            None: the checkpoint's test-time rule (``preprocessing["decoder"]``, else unlabeled).
 
     Returns:
         ``path``. Its graph maps ``image`` (batch, 1, *patch_size) float32 to ``logits`` (batch, K, *patch_size).
     """
     onnx = _require("onnx")
     _require("onnxscript")  # torch.onnx.export's translator
+    decoder = decoder or preprocessing.get("decoder") or "unlabeled"
     if decoder not in DECODERS:
         raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     head = _MainHead(model, decoder).cpu().eval()  # eval: no dropout, running BN statistics
@@ -97,7 +99,7 @@ def _add_metadata(onnx: Any, path: Path, decoder: str, num_classes: int, preproc
     """Store the preprocessing and the decoder as JSON under the model's ``skcdf`` metadata key."""
     graph = onnx.load(str(path))
     kept = {key: preprocessing.get(key) for key in ("size", "window", "patch_size", "class_names", "class_abbrevs")}
-    kept.update({key: preprocessing[key] for key in ("lateral_pairs", "flips") if key in preprocessing})  # for --tta
+    kept.update({key: preprocessing[key] for key in ("lateral_pairs", "flips", "tta") if key in preprocessing})  # for --tta
     # the spacing-based path (issue 27): only where set, so that fixed-size models keep their metadata
     kept.update({key: preprocessing[key] for key in ("spacing", "normalization", "intensity")
                  if preprocessing.get(key) is not None})
@@ -117,7 +119,7 @@ class OnnxModel:
 
     def __init__(self, session: Any, preprocessing: dict, decoder: str, num_classes: int) -> None:
         self.session = session
-        self.preprocessing = preprocessing
+        self.preprocessing = {**preprocessing, "decoder": decoder}  # its only decoder is its test-time rule
         self.decoder = decoder
         self.num_classes = num_classes
 

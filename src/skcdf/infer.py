@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator, Literal, Union
 
 import numpy as np
@@ -97,32 +97,40 @@ class InferenceSettings:
     Attributes:
         decoder: ``"unlabeled"`` (D_u main head, the paper's choice), ``"labeled"`` (D_l main head,
             each window paired with itself, paper Table 4) or ``"mean"`` (the mean of the two heads'
-            probabilities; for a Table 1 method all three are its own test-time rule).
+            probabilities; for a Table 1 method all three are its own test-time rule); None: the
+            checkpoint's, its training configuration's ``inference_decoder`` (:meth:`for_model`).
         stride: window step (D, H, W) in voxels; each entry between 1 and the patch size.
         sw_batch_size: windows per forward pass.
         blend: ``"constant"`` (equal weights, as the reference) or ``"gaussian"`` (centre-weighted).
         tta: also average over the in-plane flips used in training (up to 4 forward passes per
-            window), keeping left and right as the checkpoint's ``flips`` mode says (:func:`tta_flips`).
+            window), keeping left and right as the checkpoint's ``flips`` mode says (:func:`tta_flips`);
+            None: the checkpoint's ``inference_tta``.
         amp: autocast to bf16 (fp16 where bf16 is unsupported) on CUDA; prediction on the CPU always runs fp32.
         fp16_output: accumulate the sliding window's probabilities (and read its input) in float16,
             as nnU-Net does: half the memory of a whole scan's K-channel output, at ~1e-3 precision.
     """
 
-    decoder: Decoder = "unlabeled"
+    decoder: Decoder | None = None
     stride: tuple[int, int, int] = DEFAULT_STRIDE
     sw_batch_size: int = 4
     blend: Blend = "constant"
-    tta: bool = False
+    tta: bool | None = None
     amp: bool = True
     fp16_output: bool = False
 
     def __post_init__(self) -> None:
-        if self.decoder not in DECODERS:
+        if self.decoder is not None and self.decoder not in DECODERS:
             raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.blend not in ("constant", "gaussian"):
             raise InputError(f"blend must be 'constant' or 'gaussian', got {self.blend!r}")
         if self.sw_batch_size < 1:
             raise InputError(f"sw_batch_size must be at least 1, got {self.sw_batch_size}")
+
+    def for_model(self, preprocessing: Mapping) -> "InferenceSettings":
+        """These settings with the test-time rule left open (None) taken from the model's ``preprocessing``:
+        its ``decoder`` and ``tta`` (:func:`skcdf.checkpoint.load_model`), else D_u without TTA."""
+        return replace(self, decoder=self.decoder or preprocessing.get("decoder") or "unlabeled",
+                       tta=bool(preprocessing.get("tta", False)) if self.tta is None else self.tta)
 
 
 def overlap_for_stride(patch_size: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
@@ -278,6 +286,7 @@ def volume_probabilities(
 
     ``direction``: the volume's direction cosines (SimpleITK, row-major 3×3), for laterality-keeping TTA.
     """
+    settings = settings.for_model(preprocessing)
     model_fn, device = _network_logits(model, settings.decoder)
     normalized = Normalization.from_preprocessing(preprocessing)(np.asarray(image, dtype=np.float32))
     # in float16 at once for fp16_output, so that the float32 copy is gone before the sliding window

@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                    help="run folder (best.pt, else last.pt), skcdf checkpoint, or reference best_model.pth")
     e.add_argument("out", help="output .onnx file")
-    e.add_argument("--decoder", choices=DECODERS, default="unlabeled",
+    e.add_argument("--decoder", choices=DECODERS, default=None,
                    help="decoder whose main head is exported, or mean: both decoders' probabilities averaged "
-                        "(default: unlabeled, the paper's choice)")
+                        "(default: the checkpoint's inference_decoder, unlabeled unless its configuration chose another)")
     e.set_defaults(func=_export)
 
 
@@ -59,7 +59,8 @@ def _export(args: argparse.Namespace) -> int:
     from skcdf.export import export_onnx
 
     model, preprocessing = load_model(args.checkpoint, device="cpu")
-    export_onnx(model, preprocessing, args.out, args.decoder)
-    print(f"wrote {args.out}: {args.decoder} decoder, window {tuple(preprocessing['patch_size'])}, "
+    decoder = args.decoder or preprocessing.get("decoder", "unlabeled")
+    export_onnx(model, preprocessing, args.out, decoder)
+    print(f"wrote {args.out}: {decoder} decoder, window {tuple(preprocessing['patch_size'])}, "
           f"{model.num_classes} classes, dynamic batch")
     return 0

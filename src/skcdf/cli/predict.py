@@ -57,14 +57,16 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The sliding-window and device options (of `predict` and `watch`); see :func:`load_segmenter`."""
-    parser.add_argument("--decoder", choices=DECODERS, default="unlabeled",
+    parser.add_argument("--decoder", choices=DECODERS, default=None,
                         help="decoder whose main head predicts, or mean: both decoders' probabilities averaged "
-                             "(default: unlabeled, the paper's choice)")
+                             "(default: the checkpoint's inference_decoder; unlabeled, the paper's choice, unless "
+                             "its training configuration chose another)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps or auto (default: CUDA, else MPS, else the CPU)")
-    parser.add_argument("--tta", action="store_true",
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average over the in-plane flips used in training, keeping left and right as the "
-                             "checkpoint's flips mode says (up to 4x slower)")
+                             "checkpoint's flips mode says (up to 4x slower; default: the checkpoint's "
+                             "inference_tta, off unless its training configuration turned it on)")
     parser.add_argument("--gaussian", action="store_true", help="Gaussian window weighting instead of equal weights")
     parser.add_argument("--stride", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                         help="window step in voxels (default: 16 32 32)")

@@ -30,6 +30,9 @@ from skcdf.train.losses import BALANCE_MODES
 from skcdf.train.monitor import VAL_REGIONS
 from skcdf.utils import InputError
 
+#: The test-time rules `inference_decoder` may name: skcdf.infer.DECODERS (not imported: it pulls in SimpleITK).
+INFERENCE_DECODERS = ("unlabeled", "labeled", "mean")
+
 #: A key's check: (value, key) -> the value in its canonical type; raises _Invalid(rule) when it is not allowed.
 Check = Callable[[Any, str], Any]
 
@@ -172,8 +175,9 @@ class Config:
     pseudo_label_threshold: float | None = _key(None, "confidence a pseudo-label needs (null: none)", _threshold)
     balance_mode: str = _key("reference", "how the balanced mask applies", _one_of(BALANCE_MODES))
     class_frequency: str | list[float] = _key("labeled", "source of the class voxel counts n_c", _class_frequency)
-    inference_decoder: str = _key("unlabeled", "decoder of validation and prediction",
-                                  _one_of(("unlabeled", "labeled")))
+    inference_decoder: str = _key("unlabeled", "decoder of validation and prediction: unlabeled, labeled or mean",
+                                  _one_of(INFERENCE_DECODERS))
+    inference_tta: bool = _key(False, "flip TTA in prediction by default (validation runs without)", _boolean)
     # network
     patch_size: list[int] = _key([64, 128, 128], "training patch [D, H, W]", _patch_size)
     filters: int = _key(32, "base filters of the VNet", _integer(1))

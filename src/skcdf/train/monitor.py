@@ -54,7 +54,7 @@ def dice_from_confusion(confusion: Tensor) -> Tensor:
 @torch.no_grad()
 def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device,
                    num_classes: int, autocast: Callable[[], Any] = contextlib.nullcontext,
-                   window: Sequence[int] | None = None) -> dict[str, Tensor]:
+                   window: Sequence[int] | None = None, decoder_mean: bool = False) -> dict[str, Tensor]:
     """Per-class hard Dice (%) of each head on the validation cases, averaged over the cases.
 
     batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64: centre crops of the
@@ -63,7 +63,8 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
     run as at inference with the labeled decoder (cross mode, each crop paired with itself); D_u by the
     unlabeled flow. Heads the model lacks (no aux heads) are left out. A model with one path
     (``single_path``: one shared decoder and no SKCM, as the baseline and the supervised references,
-    or a Table 1 method's MethodNet) runs once.
+    or a Table 1 method's MethodNet) runs once. ``decoder_mean`` adds ``"mean_main"``, the mean of the two
+    main heads' probabilities (``inference_decoder: mean``).
     Returns {head: float64 (K-1,) on the CPU}, foreground classes only.
     """
     was_training = model.training
@@ -75,6 +76,9 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
         label = batch["label"].to(device, non_blocking=True)
         with autocast():
             outputs = _head_logits(model, image) if window is None else _whole_case_heads(model, image, window)
+        if decoder_mean:  # argmax of the mean probabilities; a window's already are probabilities
+            scores = [outputs[f"{decoder}_main"] for decoder in ("labeled", "unlabeled")]
+            outputs["mean_main"] = sum(s if window is not None else s.float().softmax(1) for s in scores) / 2
         for head, logits in outputs.items():
             dice = dice_from_confusion(confusion_counts(logits.argmax(1), label, num_classes))
             totals[head] = totals.get(head, 0) + dice[:, 1:].sum(0)

@@ -303,10 +303,11 @@ def _diverged(run: Run, term: str, iteration: int) -> None:
 def _validate(run: Run, row: dict[str, Any]) -> bool:
     """Dice of every head on the validation cases into ``row``; True when the inference head improved."""
     window = run.config.patch_size if run.config.val_region == "whole" else None
-    dice = validate_heads(run.model, run.data.validation, run.device, run.num_classes, run.autocast, window)
-    inference_head = f"{run.config.inference_decoder}_main"
-    row["val_dice_mean"] = float(dice[inference_head].mean())
-    row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(run.class_abbrevs, dice[inference_head])})
+    dice = validate_heads(run.model, run.data.validation, run.device, run.num_classes, run.autocast, window,
+                          decoder_mean=run.config.inference_decoder == "mean")
+    inference = dice.pop("mean_main") if "mean_main" in dice else dice[f"{run.config.inference_decoder}_main"]
+    row["val_dice_mean"] = float(inference.mean())
+    row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(run.class_abbrevs, inference)})
     row.update({f"val_dice_{head}": float(values.mean()) for head, values in dice.items()})
     small = [c - 1 for c in run.small_classes]  # dice holds foreground classes only
     row.update({f"val_dice_small_{head}": float(values[small].mean()) for head, values in dice.items()})
