@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str, results: str, batch_labeled: int,
-            variant: str) -> None:
+            variant: str, settings: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -36,17 +36,18 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, results: str,
 
     ShardedRandomSampler.draw = recording_draw
     # 2 labeled / 3 unlabeled cases; one unlabeled volume per rank and step
-    config = tiny_config(variant=variant, epochs=1, batch_labeled=batch_labeled, batch_unlabeled=1)
+    config = tiny_config(variant=variant, epochs=1, batch_labeled=batch_labeled, batch_unlabeled=1, **settings)
     model = trainer.train(config, data, out)
     torch.save({name: p.detach() for name, p in model.named_parameters()}, f"{results}/rank{rank}.pt")
     with open(f"{results}/rank{rank}.json", "w") as handle:
         json.dump(passes, handle)
 
 
-def _train_on_two_processes(data, tmp_path, batch_labeled: int, variant: str = "full"):
+def _train_on_two_processes(data, tmp_path, batch_labeled: int, variant: str = "full", **settings):
     """Run the tiny training on 2 gloo processes; returns (run folder, rank 0's weights, each rank's passes)."""
     run = tmp_path / "run"
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(run), str(tmp_path), batch_labeled, variant), nprocs=2)
+    mp.spawn(_worker, args=(2, _free_port(), str(data), str(run), str(tmp_path), batch_labeled, variant, settings),
+             nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), name
@@ -60,8 +61,10 @@ def _train_on_two_processes(data, tmp_path, batch_labeled: int, variant: str = "
 
 
 def test_two_processes_end_with_identical_weights(tiny_phantom, tmp_path):
-    # one labeled volume per rank and step: the 2 labeled cases are sharded, one per rank
-    run, _, passes = _train_on_two_processes(tiny_phantom, tmp_path, batch_labeled=1)
+    # one labeled volume per rank and step: the 2 labeled cases are sharded, one per rank; with the options
+    # of scans of any size (class-aware patches, whole-case validation), which every rank applies alike
+    run, _, passes = _train_on_two_processes(tiny_phantom, tmp_path, batch_labeled=1, patch_sampling="class",
+                                             val_region="whole")
     for size in (2, 3):
         first = [next(indices for n, indices in ranks_passes if n == size) for ranks_passes in passes]
         assert all(len(indices) == 1 for indices in first) and first[0] != first[1]  # disjoint shards
