@@ -36,6 +36,7 @@ from skcdf.data.laterality import FlipMode, Laterality, Pairs, class_order, find
 from skcdf.data.back_to_scan import labels_in_original_space
 from skcdf.data.intensity import Normalization
 from skcdf.data.spacing import check_scan_for_spacing, network_size
+from skcdf.depth_chunks import DepthChunks
 from skcdf.device import autocast
 from skcdf.utils import InputError
 
@@ -286,6 +287,19 @@ def volume_probabilities(
 
     ``direction``: the volume's direction cosines (SimpleITK, row-major 3×3), for laterality-keeping TTA.
     """
+    return depth_window(model, image, preprocessing, settings, direction)(0, len(image))
+
+
+def depth_window(
+    model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings,
+    direction: Sequence[float] | None = None,
+) -> Callable[[int, int], torch.Tensor]:
+    """The sliding window over part of a volume: ``(a, b) ->`` the probabilities ``(K, b - a, D, H, W)`` of
+    slices ``a..b-1`` of ``image`` (HU ``(D, H, W)`` on the training grid) as if they were the whole volume.
+
+    The volume is normalised and moved to the model's device once, here; ``image`` is not kept.
+    ``direction`` as in :func:`volume_probabilities`.
+    """
     settings = settings.for_model(preprocessing)
     model_fn, device = _network_logits(model, settings.decoder)
     normalized = Normalization.from_preprocessing(preprocessing)(np.asarray(image, dtype=np.float32))
@@ -293,18 +307,22 @@ def volume_probabilities(
     dtype = torch.float16 if settings.fp16_output else torch.float32
     volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device, dtype)[None, None]
     del normalized
-    probabilities = sliding_window_probabilities(
-        model_fn,
-        volume,
-        preprocessing["patch_size"],
-        stride=settings.stride,
-        sw_batch_size=settings.sw_batch_size,
-        mode=settings.blend,
-        tta=_tta_for(preprocessing, direction) if settings.tta else False,
-        amp=settings.amp,
-        fp16_output=settings.fp16_output,
-    )
-    return probabilities[0]
+    tta = _tta_for(preprocessing, direction) if settings.tta else False
+
+    def probabilities(a: int, b: int) -> torch.Tensor:
+        return sliding_window_probabilities(
+            model_fn,
+            volume[:, :, a:b],
+            preprocessing["patch_size"],
+            stride=settings.stride,
+            sw_batch_size=settings.sw_batch_size,
+            mode=settings.blend,
+            tta=tta,
+            amp=settings.amp,
+            fp16_output=settings.fp16_output,
+        )[0]
+
+    return probabilities
 
 
 def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
@@ -375,6 +393,8 @@ def predict_scan(
     whole scan; then the model's intensity normalisation), predicted with the sliding window over the
     whole resampled scan, and the softmax probabilities are resampled linearly back to the scan's grid
     before the argmax, one slab and class at a time unless the probabilities themselves are asked for.
+    Then the sliding window too runs a chunk of slices at a time (:class:`~skcdf.depth_chunks.DepthChunks`,
+    the same values), so that its output is never held for the whole scan.
 
     Args:
         model: an SKCDFNet-like model in eval mode on the device to run on, or an ONNX model.
@@ -391,6 +411,13 @@ def predict_scan(
         check_scan_for_spacing(Geometry.of_image(image), preprocessing["spacing"], source)
     size = network_size(Geometry.of_image(image), preprocessing)
     network_input = image if size is None else resample_to_size(image, tuple(size), is_label=False)
+    if size is not None and not probabilities:
+        window = depth_window(model, sitk.GetArrayViewFromImage(network_input), preprocessing, settings,
+                              network_input.GetDirection())
+        del network_input  # normalised on the model's device now
+        stride = settings.stride[0] if settings.stride else DEFAULT_STRIDE[0]
+        chunks = DepthChunks(window, tuple(size), preprocessing["patch_size"][0], stride)
+        return ScanPrediction(labels_in_original_space(chunks, Geometry.of_image(image)))
     on_network_grid = volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
                                             settings, network_input.GetDirection()).cpu().numpy()
     if probabilities:  # float32 for the caller, also after fp16_output
@@ -398,12 +425,10 @@ def predict_scan(
     if size is None:
         return ScanPrediction(on_network_grid.argmax(0).astype(np.uint8), on_network_grid if probabilities else None)
     geometry = Geometry.of_image(image)
-    if probabilities:
-        resampled = np.empty((len(on_network_grid), *reversed(geometry.size)), np.float32)
-        for label, channel in enumerate(_channels_in_original_space(on_network_grid, geometry)):
-            resampled[label] = channel
-        return ScanPrediction(resampled.argmax(0).astype(np.uint8), resampled)
-    return ScanPrediction(labels_in_original_space(on_network_grid, geometry))
+    resampled = np.empty((len(on_network_grid), *reversed(geometry.size)), np.float32)
+    for label, channel in enumerate(_channels_in_original_space(on_network_grid, geometry)):
+        resampled[label] = channel
+    return ScanPrediction(resampled.argmax(0).astype(np.uint8), resampled)
 
 
 def predict_image(

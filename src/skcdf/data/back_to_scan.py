@@ -10,6 +10,7 @@ volumes of it (nor two: 1.3 GB for a 512×512×600 scan before, ~70 MB now with 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,21 +39,43 @@ def _linear(image: sitk.Image, grid: Geometry) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled)
 
 
-def labels_in_original_space(probabilities: np.ndarray, geometry: Geometry, slab: int = SLAB) -> np.ndarray:
-    """Probabilities ``(K, d, h, w)`` (float32 or float16) on the network grid of ``geometry`` (the grid of
-    that size over the same box) -> argmax labels ``(D, H, W)`` uint8 on ``geometry``, the lower class winning ties."""
-    depth = probabilities.shape[1]
-    network = prepared_grid(geometry, probabilities.shape[1:])
+class NetworkSlabs(Protocol):
+    """Probabilities on the network grid read in slabs along depth, in increasing order
+    (:class:`skcdf.depth_chunks.DepthChunks` computes them as they are read)."""
+
+    shape: tuple[int, ...]  # ends with the network grid (d, h, w)
+
+    def slab(self, low: int, high: int) -> np.ndarray:
+        """``(K, high - low, h, w)`` probabilities of network slices ``low..high-1``."""
+
+
+class _InMemory:
+    """A whole ``(K, d, h, w)`` array read as :class:`NetworkSlabs`."""
+
+    def __init__(self, probabilities: np.ndarray) -> None:
+        self.probabilities, self.shape = probabilities, probabilities.shape
+
+    def slab(self, low: int, high: int) -> np.ndarray:
+        return self.probabilities[:, low:high]
+
+
+def labels_in_original_space(probabilities: np.ndarray | NetworkSlabs, geometry: Geometry, slab: int = SLAB) -> np.ndarray:
+    """Probabilities ``(K, d, h, w)`` (float32 or float16; an array, or read slab by slab) on the network
+    grid of ``geometry`` (the grid of that size over the same box) -> argmax labels ``(D, H, W)`` uint8 on
+    ``geometry``, the lower class winning ties."""
+    source = _InMemory(probabilities) if isinstance(probabilities, np.ndarray) else probabilities
+    depth = source.shape[-3]
+    network = prepared_grid(geometry, source.shape[-3:])
     labels = np.zeros(tuple(reversed(geometry.size)), np.uint8)
     ratio = depth / geometry.size[2]  # network slices per scan slice
     for z0 in range(0, geometry.size[2], slab):
         z1 = min(z0 + slab, geometry.size[2])
         low = max(0, math.floor((z0 + 0.5) * ratio - 0.5) - _MARGIN)
         high = min(depth, math.ceil((z1 - 0.5) * ratio - 0.5) + 1 + _MARGIN)
-        source, target = slab_of(network, low, high), slab_of(geometry, z0, z1)
+        network_slab, target = slab_of(network, low, high), slab_of(geometry, z0, z1)
         best = None
-        for label, channel in enumerate(probabilities):
-            resampled = _linear(place(np.ascontiguousarray(channel[low:high], np.float32), source), target)
+        for label, channel in enumerate(source.slab(low, high)):
+            resampled = _linear(place(np.ascontiguousarray(channel, np.float32), network_slab), target)
             if best is None:
                 best = resampled
                 continue
