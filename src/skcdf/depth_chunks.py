@@ -48,7 +48,7 @@ class DepthChunks:
         self.patch = patch
         self.starts = window_starts(shape[0], patch, step)
         self.chunk = max(chunk_steps * step, patch)
-        self._chunks: list[tuple[int, np.ndarray]] = []  # (first slice, probabilities (K, n, h, w)), in order
+        self._chunks: list[tuple[int, torch.Tensor]] = []  # (first slice, probabilities (K, n, h, w)), in order
         self._computed = 0  # slices 0..computed-1 have been computed
 
     def slab(self, low: int, high: int) -> np.ndarray:
@@ -57,15 +57,17 @@ class DepthChunks:
             raise ValueError(f"slices from {low} were asked for after they were dropped: read slabs in order")
         self._chunks = [(first, p) for first, p in self._chunks if first + p.shape[1] > low]  # no later slab needs the rest
         while self._computed < high:
+            # the few slices still needed, copied, so that the window output they are a view of goes first
+            self._chunks = [(max(first, low), p[:, max(low - first, 0):].clone()) for first, p in self._chunks]
             stop = min(self._computed + self.chunk, self.shape[0])
             self._chunks.append((self._computed, self._compute(self._computed, stop)))
             self._computed = stop
         pieces = [p[:, max(low - first, 0):high - first] for first, p in self._chunks if first < high]
-        return np.concatenate(pieces, axis=1) if len(pieces) > 1 else np.ascontiguousarray(pieces[0])
+        return (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]).numpy()
 
-    def _compute(self, first: int, stop: int) -> np.ndarray:
-        """Slices ``first..stop-1``, from the sliding window over the slices of the windows that touch them."""
+    def _compute(self, first: int, stop: int) -> torch.Tensor:
+        """Slices ``first..stop-1`` (a view on the CPU), from the sliding window over the slices of the
+        windows that touch them."""
         touching = [s for s in self.starts if s < stop and s + self.patch > first]
         a, b = touching[0], min(touching[-1] + self.patch, self.shape[0])
-        core = self.window(a, b)[:, first - a:stop - a]
-        return core.cpu().numpy().copy()  # a copy: the view would keep the whole window output alive
+        return self.window(a, b)[:, first - a:stop - a].cpu()
