@@ -392,9 +392,9 @@ def predict_scan(
     set, or, for a model trained on the spacing-based path, to ``preprocessing["spacing"]`` over the
     whole scan; then the model's intensity normalisation), predicted with the sliding window over the
     whole resampled scan, and the softmax probabilities are resampled linearly back to the scan's grid
-    before the argmax, one slab and class at a time unless the probabilities themselves are asked for.
-    Then the sliding window too runs a chunk of slices at a time (:class:`~skcdf.depth_chunks.DepthChunks`,
-    the same values), so that its output is never held for the whole scan.
+    before the argmax, one slab and class at a time unless the probabilities themselves are asked for;
+    then the sliding window too runs a chunk of slices at a time, as the slabs need them
+    (:class:`~skcdf.depth_chunks.DepthChunks`, the same values), so that its output is never held whole.
 
     Args:
         model: an SKCDFNet-like model in eval mode on the device to run on, or an ONNX model.
@@ -415,8 +415,7 @@ def predict_scan(
         window = depth_window(model, sitk.GetArrayViewFromImage(network_input), preprocessing, settings,
                               network_input.GetDirection())
         del network_input  # normalised on the model's device now
-        stride = settings.stride[0] if settings.stride else DEFAULT_STRIDE[0]
-        chunks = DepthChunks(window, tuple(size), preprocessing["patch_size"][0], stride)
+        chunks = DepthChunks(window, tuple(size), preprocessing["patch_size"][0], settings.stride[0])
         return ScanPrediction(labels_in_original_space(chunks, Geometry.of_image(image)))
     on_network_grid = volume_probabilities(model, sitk.GetArrayViewFromImage(network_input), preprocessing,
                                             settings, network_input.GetDirection()).cpu().numpy()
