@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skcdf.infer import DECODERS, model_logits
+from skcdf.infer import InferenceSettings, model_logits
 from skcdf.utils import InputError, atomic_path
 
 __all__ = ["FORMAT", "OnnxModel", "export_onnx"]
@@ -74,9 +74,7 @@ def export_onnx(model: nn.Module, preprocessing: Mapping[str, Any], path: str | 
     """
     onnx = _require("onnx")
     _require("onnxscript")  # torch.onnx.export's translator
-    decoder = decoder or preprocessing.get("decoder") or "unlabeled"
-    if decoder not in DECODERS:
-        raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    decoder = InferenceSettings(decoder=decoder).for_model(preprocessing).decoder  # refuses an unknown one
     head = _MainHead(model, decoder).cpu().eval()  # eval: no dropout, running BN statistics
     # Two windows: torch.export would fix a batch axis of size 1 as a constant.
     example = torch.zeros(2, 1, *preprocessing["patch_size"])

@@ -294,7 +294,7 @@ def depth_window(
     model: Network, image: np.ndarray, preprocessing: Mapping, settings: InferenceSettings,
     direction: Sequence[float] | None = None,
 ) -> Callable[[int, int], torch.Tensor]:
-    """The sliding window over part of a volume: ``(a, b) ->`` the probabilities ``(K, b - a, D, H, W)`` of
+    """The sliding window over part of a volume: ``(a, b) ->`` the probabilities ``(K, b - a, H, W)`` of
     slices ``a..b-1`` of ``image`` (HU ``(D, H, W)`` on the training grid) as if they were the whole volume.
 
     The volume is normalised and moved to the model's device once, here; ``image`` is not kept.

@@ -57,9 +57,10 @@ def _import_reference(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from skcdf.checkpoint import load_model
     from skcdf.export import export_onnx
+    from skcdf.infer import InferenceSettings
 
     model, preprocessing = load_model(args.checkpoint, device="cpu")
-    decoder = args.decoder or preprocessing.get("decoder", "unlabeled")
+    decoder = InferenceSettings(decoder=args.decoder).for_model(preprocessing).decoder
     export_onnx(model, preprocessing, args.out, decoder)
     print(f"wrote {args.out}: {decoder} decoder, window {tuple(preprocessing['patch_size'])}, "
           f"{model.num_classes} classes, dynamic batch")
