@@ -52,13 +52,13 @@ def reference_starts(size: int, patch: int, stride: int) -> list[int]:
     return [min(i * stride, size - patch) for i in range(math.ceil((size - patch) / stride) + 1)]
 
 
-def naive_probabilities(model_fn, volume: torch.Tensor, patch, stride) -> torch.Tensor:
+def naive_probabilities(model_fn, volume: torch.Tensor, patch, stride, pad_value: float = 0.0) -> torch.Tensor:
     """A plain Python loop over the reference window positions, equal weights, with the reference's
-    symmetric zero padding of axes smaller than the patch."""
+    symmetric padding (with zeros, or ``pad_value``) of axes smaller than the patch."""
     size = volume.shape[2:]
     pads = [max(p - n, 0) for p, n in zip(patch, size)]
     padded = torch.nn.functional.pad(
-        volume, [side for pad in reversed(pads) for side in (pad // 2, pad - pad // 2)]
+        volume, [side for pad in reversed(pads) for side in (pad // 2, pad - pad // 2)], value=pad_value
     )
     padded_size = padded.shape[2:]
     total = count = None
@@ -112,12 +112,22 @@ def test_windows_are_exactly_the_stride_positions(size, patch, stride):
     assert sorted(tuple(map(int, v)) for v in visited) == sorted(expected)
 
 
-def test_volume_smaller_than_window_is_padded_and_cropped_back(toy):
+@pytest.mark.parametrize("pad_value", [0.0, -2.5])
+def test_volume_smaller_than_window_is_padded_and_cropped_back(toy, pad_value):
     volume = torch.rand(1, 1, 10, 20, 40, generator=torch.Generator().manual_seed(2))
     model_fn = infer.model_logits(toy)
-    actual = sliding_window_probabilities(model_fn, volume, PATCH, (4, 8, 8))
+    windows = []
+
+    def recording(window: torch.Tensor) -> torch.Tensor:
+        windows.extend(window.detach().clone())  # a batch of windows, (n, 1, D, H, W)
+        return model_fn(window)
+
+    actual = sliding_window_probabilities(recording, volume, PATCH, (4, 8, 8), pad_value=pad_value)
     assert actual.shape == (1, NUM_CLASSES, 10, 20, 40)
-    torch.testing.assert_close(actual, naive_probabilities(model_fn, volume, PATCH, (4, 8, 8)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual, naive_probabilities(model_fn, volume, PATCH, (4, 8, 8), pad_value),
+                               rtol=1e-5, atol=1e-6)
+    # every window holds 10 × 20 × 32 voxels of the volume (values in (0, 1)); the rest is the padding
+    assert all(int((window == pad_value).sum()) == math.prod(PATCH) - 10 * 20 * 32 for window in windows)
 
 
 def test_tta_averages_the_in_plane_flips_of_each_window(toy):

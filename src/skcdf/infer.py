@@ -209,13 +209,14 @@ def sliding_window_probabilities(
     tta: bool | Sequence[TtaFlip] = False,
     amp: bool = True,
     fp16_output: bool = False,
+    pad_value: float = 0.0,
 ) -> torch.Tensor:
     """Softmax probabilities of ``volume``, averaged over sliding windows (MONAI ``sliding_window_inference``).
 
     Windows of ``patch_size`` start every ``stride`` voxels along each axis, the last one flush with
     the end; where they overlap, probabilities (not logits) are averaged with equal weights
     (``mode="constant"``) or Gaussian weights (``mode="gaussian"``). A volume smaller than the patch
-    is zero-padded symmetrically and the result cropped back.
+    is padded symmetrically with ``pad_value`` and the result cropped back.
 
     Args:
         model_fn: ``(n, C, *patch_size) -> logits (n, K, *patch_size)``, e.g. :func:`model_logits`.
@@ -230,6 +231,8 @@ def sliding_window_probabilities(
             unsupported).
         fp16_output: MONAI accumulates in its input's dtype: pass it float16 (windows go to the model as
             float32), so the output and the window counts take half the memory.
+        pad_value: what pads a volume smaller than a window: the normalised air that training padded
+            with (:attr:`skcdf.data.intensity.Normalization.background`).
 
     Returns:
         ``(1, K, D, H, W)`` probabilities on ``volume.device``, float32 (float16 with ``fp16_output``).
@@ -254,6 +257,7 @@ def sliding_window_probabilities(
             predictor=window_probabilities,
             overlap=overlap,
             mode=mode,
+            cval=pad_value,
         )
 
 
@@ -302,7 +306,8 @@ def depth_window(
     """
     settings = settings.for_model(preprocessing)
     model_fn, device = _network_logits(model, settings.decoder)
-    normalized = Normalization.from_preprocessing(preprocessing)(np.asarray(image, dtype=np.float32))
+    normalization = Normalization.from_preprocessing(preprocessing)
+    normalized = normalization(np.asarray(image, dtype=np.float32))
     # in float16 at once for fp16_output, so that the float32 copy is gone before the sliding window
     dtype = torch.float16 if settings.fp16_output else torch.float32
     volume = torch.from_numpy(np.ascontiguousarray(normalized)).to(device, dtype)[None, None]
@@ -320,6 +325,7 @@ def depth_window(
             tta=tta,
             amp=settings.amp,
             fp16_output=settings.fp16_output,
+            pad_value=normalization.background,
         )[0]
 
     return probabilities

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from skcdf.data.layout import load_image, load_label, write_case
+from skcdf.data.intensity import Normalization
 from skcdf.data.loaders import CenterCropDataset, PatchDataset, WholeVolumeDataset, class_voxel_counts
 from skcdf.data.preprocess import normalize_intensity
 from skcdf.utils import InputError
@@ -73,19 +74,45 @@ def test_window_clips_before_scaling(dataset_root):
     np.testing.assert_allclose(dataset[0]["image"][0].numpy(), (np.clip(volume, 100, 300) - 100) / 200)
 
 
-def test_small_case_is_centred_and_padded_with_zeros(dataset_root):
+def _placement(image: np.ndarray) -> tuple[int, int]:
+    """Where the small case (5 × 9 along D, H, all voxels labeled) starts in a patch: its first labeled row and column."""
+    rows, columns = np.nonzero(image.any(axis=2))
+    return int(rows.min()), int(columns.min())
+
+
+def test_small_case_lies_anywhere_in_the_patch_padded_with_air(dataset_root):
+    """Depth 5 of 8 and height 9 of 16 are padded (width 30 ≥ 16 is cropped): the case lands at every place
+    the patch leaves, about equally often, so the network learns no position in the patch as the scan's."""
     torch.manual_seed(1)
     dataset = PatchDataset(dataset_root, ["small"], PATCH, with_labels=True, flips="none")
-    item = dataset[0]
-    image, label = item["image"][0].numpy(), item["label"].numpy()
-    # Depth 5 → rows 1..5 of 8; height 9 → 3..11 of 16; width 30 ≥ 16 is cropped.
-    inside = np.zeros(PATCH, dtype=bool)
-    inside[1:6, 3:12, :] = True
-    assert (image[~inside] == 0).all() and (label[~inside] == 0).all()
-    assert (label[inside] == 1).all()
     normalised = normalize_intensity(load_image(dataset_root, "small"), (-75, 275))
-    start = next(s for s in range(30 - 16 + 1) if np.allclose(normalised[:, :, s:s + 16], image[1:6, 3:12]))
-    np.testing.assert_allclose(image[1:6, 3:12], normalised[:, :, start:start + 16])
+    places = []
+    for _ in range(400):
+        item = dataset[0]
+        image, label = item["image"][0].numpy(), item["label"].numpy()
+        d, h = _placement(label)
+        places.append((d, h))
+        inside = np.zeros(PATCH, dtype=bool)
+        inside[d:d + 5, h:h + 9, :] = True
+        assert (image[~inside] == 0).all() and (label[~inside] == 0).all() and (label[inside] == 1).all()
+        start = next(s for s in range(30 - 16 + 1) if np.allclose(normalised[:, :, s:s + 16], image[inside].reshape(5, 9, 16)))
+        np.testing.assert_allclose(image[inside].reshape(5, 9, 16), normalised[:, :, start:start + 16])
+    depths = np.bincount([d for d, _ in places], minlength=4)
+    heights = np.bincount([h for _, h in places], minlength=8)
+    assert len(depths) == 4 and len(heights) == 8  # never outside the patch
+    assert depths.min() > 400 / 4 * 0.6 and heights.min() > 400 / 8 * 0.5
+
+
+def test_padding_is_the_normalised_air_under_the_dataset_z_score(dataset_root):
+    statistics = {"mean": 50.0, "std": 100.0, "percentile_00_5": -150.0, "percentile_99_5": 250.0}
+    normalization = Normalization.of("dataset", None, statistics, "test")
+    assert normalization.background == pytest.approx(-2.0)  # (-150 - 50) / 100, not 0 (soft tissue)
+    assert Normalization.of("minmax", (-75, 275), None, "test").background == 0.0
+    item = CenterCropDataset(dataset_root, ["small"], PATCH, window=normalization)[0]
+    image, label = item["image"][0].numpy(), item["label"].numpy()
+    assert _placement(label) == (1, 3)  # validation crops keep the case in the centre
+    assert (image[label == 0] == -2.0).all()
+    np.testing.assert_allclose(image[1:6, 3:12], normalization(load_image(dataset_root, "small"))[:, :, 7:23])
 
 
 def test_center_crop_dataset(dataset_root):

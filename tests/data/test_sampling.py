@@ -8,7 +8,7 @@ import torch
 
 from skcdf.data.layout import write_case
 from skcdf.data.loaders import PatchDataset
-from skcdf.data.sampling import PatchSampler, PatchSampling, class_weights
+from skcdf.data.sampling import PatchSampler, PatchSampling, centred_starts, class_weights
 
 PATCH = (8, 16, 16)
 
@@ -82,3 +82,13 @@ def test_class_weights_power_zero_weighs_present_classes_alike():
     assert np.array_equal(class_weights(np.array([100, 5, 0, 7]), 0.0), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="needs with_labels"):
         PatchDataset(".", [], PATCH, with_labels=False, sampling=PatchSampling("foreground"))
+
+
+def test_a_volume_smaller_than_the_patch_is_placed_to_centre_the_voxel():
+    """Along an axis of 5 voxels in a patch of 8, voxel c ends up as near the patch's centre (4) as the places
+    the volume can take (offsets 0..3) allow: checked against every placement by brute force."""
+    for c in range(5):
+        start = centred_starts((c, 0, 0), (5, 40, 40), PATCH)[0]
+        offsets = range(0, 8 - 5 + 1)
+        best = min(offsets, key=lambda offset: (abs(c + offset - 4), offset))
+        assert -start == best and 0 <= c - start < 8

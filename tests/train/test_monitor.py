@@ -98,6 +98,29 @@ def test_whole_cases_are_scored_by_a_sliding_window_equal_to_a_naive_loop():
         np.testing.assert_allclose(dice[head].numpy(), expected, atol=1e-9)
 
 
+class _Recording(torch.nn.Module):
+    """One path whose logits are zero; keeps every window it is given."""
+
+    single_path = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[torch.Tensor] = []
+
+    def forward_labeled_decoder(self, image):
+        self.windows.extend(image.clone())
+        return torch.zeros(image.shape[0], K, *image.shape[2:]), None
+
+
+def test_a_whole_case_smaller_than_the_window_is_padded_with_the_given_value():
+    """The normalised air that training pads with (here -4), not 0, which under the data set's z-score is
+    soft tissue: each 32³ window of a 20 × 40 × 36 case holds 20 × 32 × 32 of its voxels, the rest padding."""
+    model = _Recording()
+    batch = {"image": torch.rand(1, 1, 20, 40, 36) + 1, "label": torch.zeros(1, 20, 40, 36, dtype=torch.long)}
+    validate_heads(model, [batch], torch.device("cpu"), K, window=(32, 32, 32), pad_value=-4.0)
+    assert model.windows and all(int((w == -4.0).sum()) == 32 ** 3 - 20 * 32 * 32 for w in model.windows)
+
+
 class _TwoDecoders(torch.nn.Module):
     """Fixed random logits for each decoder's main head (no aux heads), differing between the decoders."""
 

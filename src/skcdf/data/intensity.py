@@ -88,6 +88,16 @@ class Normalization:
         return cls.of(preprocessing.get("normalization") or "minmax", preprocessing.get("window"),
                       preprocessing.get("intensity"), "checkpoint preprocessing")
 
+    @property
+    def background(self) -> float:
+        """What air outside the scan normalises to, and so what pads a volume smaller than a patch or window:
+        0 under min-max (the clipped minimum, as the reference pads); the z-score of the clip's low end under
+        ``dataset``, where 0 would be the foreground's mean, soft tissue."""
+        if self.fixed is None:
+            return 0.0
+        low = self.window[0] if self.window is not None else self.fixed[0]
+        return (low - self.fixed[0]) / (self.fixed[1] - self.fixed[0])
+
     def value_range(self, volume: np.ndarray) -> tuple[float, float]:
         """The (a, b) mapped onto (0, 1) for ``volume`` (D, H, W)."""
         return self.fixed if self.fixed is not None else intensity_range(volume, self.window)

@@ -3,8 +3,9 @@
 Each item is one case: the whole volume is normalised (CT window clip, then min-max to [0, 1] per
 volume; or the data set's z-score, :mod:`skcdf.data.intensity`), a patch is cut out (random for
 training, uniformly or centred on foreground as :mod:`skcdf.data.sampling` says, central for
-validation; a volume smaller than the patch is centred in it and padded with 0 in image and label;
-volumes may differ in size), and training patches are flipped
+validation; a volume smaller than the patch along an axis lies at a random place in a training patch
+and in the centre of a validation crop, padded with the normalised air (:attr:`Normalization.background`)
+in the image and background in the label; volumes may differ in size), and training patches are flipped
 along H and W with probability 0.5 each: as drawn (``flips="reference"``), keeping left and right
 (``"laterality"``: see :mod:`skcdf.data.laterality`), or not at all (``"none"``).
 
@@ -45,7 +46,8 @@ Window = Union[Sequence[float], None, Normalization]
 def crop_region(shape: Sequence[int], patch_size: Sequence[int], starts: Sequence[int]) -> Region:
     """Where a patch starting at ``starts`` reads from a volume of ``shape`` and where it writes in the patch.
 
-    Along an axis where the volume is smaller than the patch, the whole axis is read and centred.
+    Along an axis where the volume is smaller than the patch, the whole axis is read and the start lies in
+    ``[size - patch, 0]``: the volume is written ``-start`` voxels into the patch.
     Returns:
         (source slices into the volume, destination slices into the patch).
     """
@@ -55,10 +57,21 @@ def crop_region(shape: Sequence[int], patch_size: Sequence[int], starts: Sequenc
             source.append(slice(start, start + patch))
             destination.append(slice(0, patch))
         else:
-            before = (patch - size) // 2
+            if not size - patch <= start <= 0:
+                raise ValueError(f"start {start} puts a volume of {size} voxels outside a patch of {patch}")
             source.append(slice(0, size))
-            destination.append(slice(before, before + size))
+            destination.append(slice(-start, size - start))
     return tuple(source), tuple(destination)
+
+
+def start_range(size: int, patch: int) -> tuple[int, int]:
+    """The lowest and highest start of a patch along an axis of ``size`` voxels (:func:`crop_region`)."""
+    return min(size - patch, 0), max(size - patch, 0)
+
+
+def central_start(size: int, patch: int) -> int:
+    """The start that centres a patch on a larger volume, or a smaller volume in the patch."""
+    return (size - patch) // 2 if size >= patch else -((patch - size) // 2)
 
 
 def _case_left_right_axis(root: Path, case_id: str) -> int:
@@ -116,7 +129,7 @@ class _CaseVolumes(Dataset):
         """
         size = tuple(size or self.patch_size)
         source, destination = crop_region(self.volume_shape(index), size, starts)
-        image = np.zeros(size, dtype=np.float32)
+        image = np.full(size, self.normalization.background, dtype=np.float32)
         if self.cache:
             image[destination] = self._images[index][source]
         else:
@@ -180,8 +193,9 @@ class PatchDataset(_CaseVolumes):
             index, seed = index
             generator = torch.Generator().manual_seed(seed)
         shape = self.volume_shape(index)
-        starts = [int(torch.randint(0, max(size - patch, 0) + 1, (), generator=generator))
-                  for size, patch in zip(shape, self.patch_size)]
+        # a volume smaller than the patch lands anywhere in it, so that no position in the patch is its own
+        starts = [int(torch.randint(low, high + 1, (), generator=generator))
+                  for low, high in (start_range(size, patch) for size, patch in zip(shape, self.patch_size))]
         # drawn in every mode, so that the random stream does not depend on it
         drawn = [axis for axis, flip in zip((1, 2), torch.rand(2, generator=generator) < 0.5) if flip]
         centre = self.sampler.centre(index, shape, generator)  # after the reference's draws: uniform is unchanged
@@ -202,7 +216,7 @@ class CenterCropDataset(_CaseVolumes):
         super().__init__(root, case_ids, patch_size, with_labels=True, window=window, cache=cache)
 
     def __getitem__(self, index: int) -> dict:
-        starts = [max(size - patch, 0) // 2 for size, patch in zip(self.volume_shape(index), self.patch_size)]
+        starts = [central_start(size, patch) for size, patch in zip(self.volume_shape(index), self.patch_size)]
         return self._patch(index, starts, [])
 
 

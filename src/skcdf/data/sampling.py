@@ -1,14 +1,15 @@
 """Where training patches are cut: uniformly (the reference), or a share of them centred on foreground.
 
 ``uniform``: the patch start is uniform over the positions where the patch fits (a volume smaller
-than the patch along an axis is centred and padded, :func:`skcdf.data.loaders.crop_region`).
+than the patch along an axis lies uniformly anywhere in it, padded, :func:`skcdf.data.loaders.crop_region`).
 ``foreground`` (nnU-Net's ``oversample_foreground_percent``): with probability ``foreground_share``
 the patch is centred on a voxel drawn uniformly from the case's foreground voxels (every label > 0);
 ``class``: the class is drawn first, class c with probability proportional to ``n_c ** -power`` over
 the classes present in the case (n_c: its voxels over all the stream's cases; power 0: every class
 alike, 1: inverse frequency, so rare organs are seen as often as the liver), then one of its voxels.
 Where the volume is too small to centre the patch on it, the patch is moved inside the volume and
-still contains the voxel.
+still contains the voxel; along an axis where the volume is smaller than the patch, the volume is placed
+so that the voxel is as near the patch's centre as the patch allows.
 
 Per case and class up to :data:`MAX_LOCATIONS` voxel positions are kept (nnU-Net's 10,000), drawn
 once by a generator seeded with the case's index. All draws during training come from the torch
@@ -124,5 +125,6 @@ class PatchSampler:
 
 
 def centred_starts(centre: Sequence[int], shape: Sequence[int], patch_size: Sequence[int]) -> list[int]:
-    """Patch starts that centre ``patch_size`` on ``centre`` as far as the volume ``shape`` allows."""
-    return [min(max(c - p // 2, 0), max(size - p, 0)) for c, size, p in zip(centre, shape, patch_size)]
+    """Patch starts that centre ``patch_size`` on ``centre`` as far as the volume ``shape`` allows
+    (a start below 0 places a volume smaller than the patch, :func:`skcdf.data.loaders.crop_region`)."""
+    return [min(max(c - p // 2, min(size - p, 0)), max(size - p, 0)) for c, size, p in zip(centre, shape, patch_size)]

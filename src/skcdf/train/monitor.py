@@ -54,7 +54,8 @@ def dice_from_confusion(confusion: Tensor) -> Tensor:
 @torch.no_grad()
 def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device,
                    num_classes: int, autocast: Callable[[], Any] = contextlib.nullcontext,
-                   window: Sequence[int] | None = None, decoder_mean: bool = False) -> dict[str, Tensor]:
+                   window: Sequence[int] | None = None, decoder_mean: bool = False,
+                   pad_value: float = 0.0) -> dict[str, Tensor]:
     """Per-class hard Dice (%) of each head on the validation cases, averaged over the cases.
 
     batches: dicts with "image" (b,1,D,H,W) float and "label" (b,D,H,W) int64: centre crops of the
@@ -64,7 +65,8 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
     unlabeled flow. Heads the model lacks (no aux heads) are left out. A model with one path
     (``single_path``: one shared decoder and no SKCM, as the baseline and the supervised references,
     or a Table 1 method's MethodNet) runs once. ``decoder_mean`` adds ``"mean_main"``, the mean of the two
-    main heads' probabilities (``inference_decoder: mean``).
+    main heads' probabilities (``inference_decoder: mean``). ``pad_value``: what pads a volume smaller
+    than ``window`` (the normalised air, as in training and prediction).
     Returns {head: float64 (K-1,) on the CPU}, foreground classes only.
     """
     was_training = model.training
@@ -75,7 +77,8 @@ def validate_heads(model: nn.Module, batches: Iterable[dict[str, Tensor]], devic
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         with autocast():
-            outputs = _head_logits(model, image) if window is None else _whole_case_heads(model, image, window)
+            outputs = (_head_logits(model, image) if window is None
+                       else _whole_case_heads(model, image, window, pad_value))
         if decoder_mean:  # argmax of the mean probabilities; a window's already are probabilities
             scores = [outputs[f"{decoder}_main"] for decoder in ("labeled", "unlabeled")]
             outputs["mean_main"] = sum(s if window is not None else s.float().softmax(1) for s in scores) / 2
@@ -94,7 +97,7 @@ def _head_logits(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
     return {head: logits for head, logits in zip(HEADS, outputs) if logits is not None}
 
 
-def _whole_case_heads(model: nn.Module, image: Tensor, window: Sequence[int]) -> dict[str, Tensor]:
+def _whole_case_heads(model: nn.Module, image: Tensor, window: Sequence[int], pad_value: float) -> dict[str, Tensor]:
     """{head: probabilities (b, K, D, H, W)} over whole volumes, by MONAI's sliding window (half-window steps)."""
     heads: list[str] = []
 
@@ -103,7 +106,8 @@ def _whole_case_heads(model: nn.Module, image: Tensor, window: Sequence[int]) ->
         heads[:] = outputs
         return tuple(logits.float().softmax(1) for logits in outputs.values())
 
-    blended = sliding_window_inference(image, tuple(window), 4, probabilities, overlap=0.5, mode="constant")
+    blended = sliding_window_inference(image, tuple(window), 4, probabilities, overlap=0.5, mode="constant",
+                                       cval=pad_value)
     return dict(zip(heads, blended))
 
 

@@ -162,6 +162,7 @@ class TrainingData:
     validation: DataLoader | None         # the validation cases: centre crops, or whole (val_region)
     generators: dict[str, torch.Generator]
     iterations_per_epoch: int
+    background: float = 0.0               # the normalised air, which pads a volume smaller than a window
 
     def batches(self) -> tuple[Iterator[dict], Iterator[dict] | None]:
         """Fresh iterators over the labeled and unlabeled batches, for one epoch."""
@@ -195,4 +196,5 @@ def open_streams(config: Config, root: Path, info: dict[str, Any], cases: Cases,
     # without unlabeled volumes (a control), an epoch keeps the length it has when they come at the labeled batch size
     per_step = config.batch_unlabeled or config.batch_labeled
     iterations = config.iterations_per_epoch or len(cases.unlabeled) // (per_step * procs.world)
-    return TrainingData(labeled, unlabeled, unlabeled_has_labels, validation, generators, iterations)
+    return TrainingData(labeled, unlabeled, unlabeled_has_labels, validation, generators, iterations,
+                        window.background)

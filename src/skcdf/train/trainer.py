@@ -304,7 +304,7 @@ def _validate(run: Run, row: dict[str, Any]) -> bool:
     """Dice of every head on the validation cases into ``row``; True when the inference head improved."""
     window = run.config.patch_size if run.config.val_region == "whole" else None
     dice = validate_heads(run.model, run.data.validation, run.device, run.num_classes, run.autocast, window,
-                          decoder_mean=run.config.inference_decoder == "mean")
+                          decoder_mean=run.config.inference_decoder == "mean", pad_value=run.data.background)
     inference = dice.pop("mean_main") if "mean_main" in dice else dice[f"{run.config.inference_decoder}_main"]
     row["val_dice_mean"] = float(inference.mean())
     row.update({f"val_dice_{abbrev}": float(d) for abbrev, d in zip(run.class_abbrevs, inference)})
