@@ -35,7 +35,7 @@ def flow(tmp_path_factory) -> dict[str, Path]:
                  "--split-counts", "4", "2", "2", "--labeled-percent", "50", "--workers", "1"]) == 0
     torch.manual_seed(0)
     assert main(["train", "own_data", "--data", str(paths["data"]), "--out", str(paths["run"]),
-                 "--set", *TRAIN]) == 0
+                 "--set", *TRAIN, "normalization=dataset"]) == 0  # the z-score's whole path, checkpoint to ONNX
     # larger than any training scan: the largest one with 20 voxels of air around it in-plane, 10 slices above and below
     images = sorted((paths["raw"] / "imagesTr").iterdir(), key=lambda p: np.prod(sitk.ReadImage(str(p)).GetSize()))
     for kind, source, value in (("images", images[-1], -1000),
