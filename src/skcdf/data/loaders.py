@@ -32,7 +32,7 @@ from skcdf.data.classes import CT_WINDOW
 from skcdf.data.intensity import Normalization
 from skcdf.data.laterality import FLIP_MODES, FlipMode, Laterality, flip_plan, left_right_axis, swap_labels
 from skcdf.data.layout import load_geometry, load_image, load_label
-from skcdf.data.sampling import PatchSampler, PatchSampling, centred_starts
+from skcdf.data.sampling import PatchSampler, PatchSampling, centred_starts, start_range
 from skcdf.data.stats import class_voxel_counts
 from skcdf.utils import InputError
 
@@ -57,16 +57,12 @@ def crop_region(shape: Sequence[int], patch_size: Sequence[int], starts: Sequenc
             source.append(slice(start, start + patch))
             destination.append(slice(0, patch))
         else:
-            if not size - patch <= start <= 0:
+            low, high = start_range(size, patch)
+            if not low <= start <= high:
                 raise ValueError(f"start {start} puts a volume of {size} voxels outside a patch of {patch}")
             source.append(slice(0, size))
             destination.append(slice(-start, size - start))
     return tuple(source), tuple(destination)
-
-
-def start_range(size: int, patch: int) -> tuple[int, int]:
-    """The lowest and highest start of a patch along an axis of ``size`` voxels (:func:`crop_region`)."""
-    return min(size - patch, 0), max(size - patch, 0)
 
 
 def central_start(size: int, patch: int) -> int:

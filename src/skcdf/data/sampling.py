@@ -124,7 +124,16 @@ class PatchSampler:
         return tuple(int(i) for i in np.unravel_index(flat, tuple(shape)))
 
 
+def start_range(size: int, patch: int) -> tuple[int, int]:
+    """The lowest and highest start of a patch along an axis of ``size`` voxels: below 0 where the volume is
+    smaller than the patch, placing it ``-start`` voxels in (:func:`skcdf.data.loaders.crop_region`)."""
+    return min(size - patch, 0), max(size - patch, 0)
+
+
 def centred_starts(centre: Sequence[int], shape: Sequence[int], patch_size: Sequence[int]) -> list[int]:
-    """Patch starts that centre ``patch_size`` on ``centre`` as far as the volume ``shape`` allows
-    (a start below 0 places a volume smaller than the patch, :func:`skcdf.data.loaders.crop_region`)."""
-    return [min(max(c - p // 2, min(size - p, 0)), max(size - p, 0)) for c, size, p in zip(centre, shape, patch_size)]
+    """Patch starts that centre ``patch_size`` on ``centre`` as far as the volume ``shape`` allows."""
+    starts = []
+    for c, size, p in zip(centre, shape, patch_size):
+        low, high = start_range(size, p)
+        starts.append(min(max(c - p // 2, low), high))
+    return starts
