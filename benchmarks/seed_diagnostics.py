@@ -11,6 +11,9 @@ writes (docs/configuration.md, metrics.csv) and prints:
 - ``pseudo@¼ / @½ / end``: the Dice of the pseudo-labels D_u trained on, at those points;
 - ``λ@best``: the unlabeled loss's weight at the best validation epoch, and that epoch;
 - ``val best / last``: the inference head's validation Dice at best.pt and at the last validation;
+- ``du_dips``: how many validations put D_u's main head more than 10 points below D_l's (the unlabeled
+  decoder's swings at high λ), and ``bal_u_max``: the largest kept-voxel loss of D_u's balanced head
+  (``loss_unsup_bal_kept``; a cross-entropy far above 1 means that head confidently contradicts its pseudo-labels);
 - the test Dice of every evaluation found in the run (``eval-<rule>``: the test-time rules of
   ``skcdf ablate --decoders``), and with ``--last`` also of last.pt (predicted into ``RUN/eval-last``):
   how much best-checkpoint selection on the few validation cases moves the result.
@@ -25,6 +28,9 @@ import csv
 import json
 import math
 from pathlib import Path
+
+
+DIP = 10.0  # Dice points by which D_u must fall below D_l on a validation to count as a dip
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -61,7 +67,10 @@ def diagnose(run: Path) -> dict[str, float | int | str]:
         "pseudo_quarter": pseudo_at(0.25), "pseudo_half": pseudo_at(0.5), "pseudo_end": pseudo_at(1.0),
         "lambda_best": _value(best, "lambda"), "best_epoch": int(best.get("epoch", -1)),
         "val_best": _value(best, "val_dice_mean"), "val_last": _value(validated[-1], "val_dice_mean") if validated
-        else math.nan}
+        else math.nan,
+        "du_dips": sum(_value(row, "val_dice_labeled_main") - _value(row, "val_dice_unlabeled_main") > DIP
+                       for row in validated),
+        "bal_u_max": max((_value(row, "loss_unsup_bal_kept") for row in rows), default=math.nan)}
     for summary in sorted(run.glob("eval-*/summary.json")):
         found[f"test_{summary.parent.name.removeprefix('eval-')}"] = json.loads(summary.read_text())["average"]["dice"]
     return found

@@ -116,11 +116,13 @@ def test_seed_diagnostics_reads_the_stall_the_pseudo_labels_and_the_checkpoint_c
     run = tmp_path / "run"
     (run / "eval-mean-tta").mkdir(parents=True)
     (run / "eval-mean-tta" / "summary.json").write_text('{"average": {"dice": 51.5}}')
-    lines = ["epoch,lambda,loss_sup_main,pseudo_dice_main,val_dice_mean,val_dice_labeled_main"]
-    for epoch in range(8):  # validation every other epoch; D_l passes 30 at epoch 5
+    lines = ["epoch,lambda,loss_sup_main,loss_unsup_bal_kept,pseudo_dice_main,val_dice_mean,val_dice_labeled_main,"
+             "val_dice_unlabeled_main"]
+    for epoch in range(8):  # validation every other epoch; D_l passes 30 at epoch 5; D_u dips at 3 and 7
         validated = epoch % 2 == 1
-        val = f"{10 * epoch},{6 * epoch}" if validated else ","
-        lines.append(f"{epoch},{0.1 * epoch},{2 - 0.1 * epoch},{5 * epoch},{val}")
+        dip = 11 if epoch in (3, 7) else 10  # D_l − D_u: a dip is more than 10
+        val = f"{10 * epoch},{6 * epoch},{6 * epoch - dip}" if validated else ",,"
+        lines.append(f"{epoch},{0.1 * epoch},{2 - 0.1 * epoch},{epoch % 5},{5 * epoch},{val}")
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     found = module.diagnose(run)
     assert found["epochs"] == 8 and found["start"] == 5
@@ -128,3 +130,4 @@ def test_seed_diagnostics_reads_the_stall_the_pseudo_labels_and_the_checkpoint_c
     assert (found["pseudo_quarter"], found["pseudo_half"], found["pseudo_end"]) == (10, 20, 35)
     assert (found["best_epoch"], found["val_best"], found["val_last"]) == (7, 70, 70)
     assert found["lambda_best"] == pytest.approx(0.7) and found["test_mean-tta"] == 51.5
+    assert found["du_dips"] == 2 and found["bal_u_max"] == 4
