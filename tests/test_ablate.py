@@ -31,6 +31,13 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
     assert [row.title for row in plan_rows(["labeled_only"], decoders=True)][1:] == [
         "SKCDF, unlabeled decoder", "SKCDF, labeled decoder", "SKCDF, decoder mean",
         "SKCDF, unlabeled decoder + flip TTA", "SKCDF, labeled decoder + flip TTA", "SKCDF, decoder mean + flip TTA"]  # none has two decoders: SKCDF's
+    # with --controls the control gets the six rules too, so that each side chooses its own
+    rows = plan_rows(["full"], decoders=True, controls=True)
+    assert [(row.run_name, row.rule) for row in rows[:2]] == [("full", "unlabeled"), ("full_lambda_u-0", "unlabeled")]
+    assert rows[1].title == "SKCDF, no unlabeled term" and len(rows) == 12
+    assert sorted(row.rule for row in rows if row.run_name == "full_lambda_u-0") == sorted(
+        ["unlabeled", "labeled", "mean", "unlabeled-tta", "labeled-tta", "mean-tta"])
+    assert rows[-1].title == "SKCDF, no unlabeled term, decoder mean + flip TTA"
     assert AblationRow("x", {"variant": "full", "ema_order": "D,Hl,Hu"}).run_name == "full_ema_order-D-Hl-Hu"
     assert ablate.variant_name("full", "mean-tta") == "full@mean-decoder+tta"
     assert ablate.variant_name("full", "labeled") == "full@labeled-decoder"  # as before the rules

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,37 @@ def test_an_ablation_with_controls_also_compares_each_method_with_its_own_contro
     assert float(lines[6]["diff"]) == float(lines[0]["diff"])  # SKCDF's control scored as labeled-only
     assert "against Labeled only, and each method against its own control" in markdown.read_text()
 
+
+
+def test_each_side_of_method_against_control_takes_the_rule_its_validation_split_chose(tmp_path):
+    data = _prepared(tmp_path / "data")
+    out = tmp_path / "abl"
+    for seed in (0, 1):
+        _evaluation(out / "full" / f"seed{seed}" / "eval-unlabeled", A_DICE, "SKCDF", gt=data)
+        _evaluation(out / "full" / f"seed{seed}" / "eval-labeled", B_DICE, "SKCDF, labeled decoder", gt=data)
+        _evaluation(out / "full_lambda_u-0" / f"seed{seed}" / "eval-unlabeled", B_DICE, "SKCDF, no unlabeled term",
+                    gt=data)
+        _evaluation(out / "full_lambda_u-0" / f"seed{seed}" / "eval-mean-tta", A_DICE,
+                    "SKCDF, no unlabeled term, decoder mean + flip TTA", gt=data)
+    with (out / "test_time_rules.csv").open("w", newline="") as handle:  # as write_rule_choice writes it
+        writer = csv.writer(handle)
+        writer.writerow(["run", "rule", "val_dice", "test_dice", "test_dice_sd", "chosen"])
+        writer.writerows([["full", "unlabeled", 40, 0, 0, 0], ["full", "labeled", 50, 0, 0, 1],
+                          ["full_lambda_u-0", "unlabeled", 40, 0, 0, 0], ["full_lambda_u-0", "mean-tta", 45, 0, 0, 1]])
+
+    def control_line() -> dict[str, str]:
+        write_ablation_comparison(out, ablation_methods(out), data)
+        with (out / "comparison.csv").open() as handle:
+            lines = [line for line in csv.DictReader(handle) if line["group"] == "all"]
+        return lines[-1]
+
+    line = control_line()
+    assert (line["method_a"], line["method_b"]) == ("SKCDF, no unlabeled term, decoder mean + flip TTA",
+                                                   "SKCDF, labeled decoder")
+    b_minus_a = statistics.fmean(statistics.fmean(B_DICE[c]) - statistics.fmean(A_DICE[c]) for c in A_DICE)
+    assert float(line["diff"]) == pytest.approx(b_minus_a, abs=1e-3)
+    assert "its validation split chose" in (out / "comparison.md").read_text()
+    (out / "test_time_rules.csv").unlink()  # without a choice, both sides are D_u: the sign flips
+    line = control_line()
+    assert (line["method_a"], line["method_b"]) == ("SKCDF, no unlabeled term", "SKCDF")
+    assert float(line["diff"]) == pytest.approx(-b_minus_a, abs=1e-3)

@@ -64,15 +64,15 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
     """The rows to run: the given variants, each semi-supervised one followed by its control when ``controls``
     (:attr:`skcdf.methods.Method.control`: a Table 1 method at ``method_weight: 0``, an SKCDF variant at
     ``lambda_u: 0``), then optionally Table 5's EMA orders, the test-time rules (``decoders``:
-    :data:`TEST_TIME_RULES` for every given variant with two decoders, else for SKCDF; Table 4's labeled
-    decoder among them), and the `exclude` balanced-mask mode (all on the full SKCDF)."""
+    :data:`TEST_TIME_RULES` for every given variant with two decoders, else for SKCDF, and for its control
+    too when ``controls``; Table 4's labeled decoder among them), and the `exclude` balanced-mask mode (all on
+    the full SKCDF)."""
     main = methods.method(methods.MAIN)
     rows = []
     for variant in variants:
         rows.append(AblationRow(methods.title(variant), {"variant": variant}))
-        control = methods.METHODS[variant].control if controls and variant in methods.METHODS else None
-        if control is not None:
-            rows.append(AblationRow(f"{methods.title(variant)}, no unlabeled term", {"variant": variant, **control}))
+        if controls and (control := control_row(variant)) is not None:
+            rows.append(control)
     if ema_orders:
         rows += [AblationRow(f"{main.title}, EMA {order}",
                              {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
@@ -80,15 +80,25 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
     if decoders:
         two_decoders = [v for v in variants if v in methods.METHODS and methods.METHODS[v].semi
                         and not methods.METHODS[v].plugin and not methods.METHODS[v].shared_decoder]
-        rows += [AblationRow(f"{methods.title(variant)}, {rule_title(decoder, tta)}", {"variant": variant},
-                             decoder=decoder, tta=tta)
-                 for variant in two_decoders or [main.name] for decoder, tta in TEST_TIME_RULES]
+        for variant in two_decoders or [main.name]:
+            runs = [AblationRow(methods.title(variant), {"variant": variant})]
+            if controls and (control := control_row(variant)) is not None:
+                runs.append(control)  # its own rules too: each side of "method against control" chooses one
+            rows += [AblationRow(f"{run.title}, {rule_title(decoder, tta)}", run.overrides, decoder=decoder, tta=tta)
+                     for run in runs for decoder, tta in TEST_TIME_RULES]
     if mask_modes:
         rows.append(AblationRow(f"{main.title}, mask mode exclude", {"variant": main.name, "balance_mode": "exclude"}))
     unique: dict[tuple, AblationRow] = {}
     for row in rows:  # e.g. "SKCDF" and "SKCDF, EMA Hl,D,Hu" are the same experiment
         unique.setdefault((row.run_name, row.rule), row)
     return list(unique.values())
+
+
+def control_row(variant: str) -> AblationRow | None:
+    """The row of ``variant``'s control (:attr:`skcdf.methods.Method.control`), None where it has none."""
+    control = methods.METHODS[variant].control if variant in methods.METHODS else None
+    return None if control is None else AblationRow(f"{methods.title(variant)}, no unlabeled term",
+                                                    {"variant": variant, **control})
 
 
 def rule_title(decoder: str, tta: bool) -> str:
@@ -238,8 +248,8 @@ def write_rule_choice(out: Path, rows: Sequence[AblationRow], seeds: Sequence[in
 def control_run(variant: str) -> str | None:
     """The run name of ``variant``'s control, e.g. ``cps_method_weight-0``, ``full_lambda_u-0``; None for a
     run name that is no registered method, or a method without a control."""
-    control = methods.METHODS[variant].control if variant in methods.METHODS else None
-    return None if control is None else AblationRow("", {"variant": variant, **control}).run_name
+    control = control_row(variant)
+    return None if control is None else control.run_name
 
 
 def variant_name(run_name: str, rule: str) -> str:
@@ -265,18 +275,37 @@ def ablation_methods(out: str | Path) -> dict[str, Method]:
 
 def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | Path | None = None) -> Path:
     """``OUT/comparison.md`` and ``.csv``: every method against labeled-only when there is one (else the
-    first), then each method that has a control (:func:`control_run`) against it; paired over the test
-    cases of the seeds both ran. Class groups from ``data`` (see :func:`skcdf.compare.groups_for`).
-    Returns the Markdown file."""
+    first), then each method that has a control (:func:`control_run`) against it, each side under the rule
+    its validation split chose where ``OUT/test_time_rules.csv`` says (:func:`chosen_rules`), else D_u;
+    paired over the test cases of the seeds both ran. Class groups from ``data`` (see
+    :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
     reference_key = methods.REFERENCE if methods.REFERENCE in found else next(iter(found))
     reference = found[reference_key]
     others = [method for key, method in found.items() if key != reference_key]
     rows = compare_to_reference(reference, others, data)
-    controlled = [(found[control], method) for key, method in found.items() if (control := control_run(key)) in found]
+    chosen = chosen_rules(out)
+    controlled = []
+    for run in found:
+        if (control := control_run(run)) is not None:
+            method_key, control_key = (variant_name(name, chosen.get(name, "unlabeled")) for name in (run, control))
+            if method_key in found and control_key in found:
+                controlled.append((found[control_key], found[method_key]))
     for control, method in controlled:
         rows += compare_to_reference(control, [method], data)
     also = ", and each method against its own control" if controlled else ""
+    if also and chosen:
+        also += " (each under the test-time rule its validation split chose, test_time_rules.md)"
     return write_comparison(out, rows, f"# Paired comparison against {reference.name}{also} (`{Path(out)}`)")
+
+
+def chosen_rules(out: str | Path) -> dict[str, str]:
+    """Run name -> the test-time rule (:attr:`AblationRow.rule`) that ``OUT/test_time_rules.csv`` marks as
+    chosen on the validation split; empty without that file."""
+    table = Path(out) / "test_time_rules.csv"
+    if not table.is_file():
+        return {}
+    with table.open(newline="") as handle:
+        return {line["run"]: line["rule"] for line in csv.DictReader(handle) if line["chosen"] == "1"}
 
 
 def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Path,
