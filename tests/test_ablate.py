@@ -30,7 +30,13 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
             ["unlabeled", "labeled", "mean", "unlabeled-tta", "labeled-tta", "mean-tta"])
     assert [row.title for row in plan_rows(["labeled_only"], decoders=True)][1:] == [
         "SKCDF, unlabeled decoder", "SKCDF, labeled decoder", "SKCDF, decoder mean",
-        "SKCDF, unlabeled decoder + flip TTA", "SKCDF, labeled decoder + flip TTA", "SKCDF, decoder mean + flip TTA"]  # none has two decoders: SKCDF's
+        "SKCDF, unlabeled decoder + flip TTA", "SKCDF, labeled decoder + flip TTA", "SKCDF, decoder mean + flip TTA",
+        "Labeled only (VNet), flip TTA"]  # none has two decoders: SKCDF's six; one decoder: its rule and flip TTA
+    rows = plan_rows(["cps"], decoders=True, controls=True)  # a Table 1 method and its control: one decoder each
+    assert [(row.run_name, row.rule, row.title) for row in rows if row.run_name.startswith("cps")] == [
+        ("cps", "unlabeled", "CPS"), ("cps_method_weight-0", "unlabeled", "CPS, no unlabeled term"),
+        ("cps", "unlabeled-tta", "CPS, flip TTA"), ("cps_method_weight-0", "unlabeled-tta", "CPS, no unlabeled term, flip TTA")]
+    assert {row.run_name for row in rows} == {"cps", "cps_method_weight-0", "full"}  # SKCDF's rules, not its control
     # with --controls the control gets the six rules too, so that each side chooses its own
     rows = plan_rows(["full"], decoders=True, controls=True)
     assert [(row.run_name, row.rule) for row in rows[:2]] == [("full", "unlabeled"), ("full_lambda_u-0", "unlabeled")]
@@ -46,25 +52,34 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
 def test_test_time_rules_come_from_one_checkpoint_and_the_validation_split_chooses(tiny_phantom, tmp_path,
                                                                                    monkeypatch):
     overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY_SETTINGS, "epochs": 1}.items()]
-    rows = plan_rows(["full"], decoders=True)
+    rows = plan_rows(["labeled_only", "full"], decoders=True)
     trained = []
     real_train = trainer.train
     monkeypatch.setattr(trainer, "train", lambda config, data, out, **kw: trained.append(out) or
                         real_train(config, data, out, **kw))
     run_ablation("phantom", tiny_phantom, tmp_path, rows, seeds=[0], overrides=overrides)
-    assert len(trained) == 1  # six rules, one run
-    run = tmp_path / "full" / "seed0"
+    assert len(trained) == 2  # SKCDF's six rules and labeled-only's two, one run each
     with (tmp_path / "test_time_rules.csv").open() as handle:
         lines = list(csv.DictReader(handle))
-    assert [line["rule"] for line in lines] == [row.rule for row in rows]
+    assert sorted((line["run"], line["rule"]) for line in lines) == sorted((row.run_name, row.rule) for row in rows)
+    assert [line["rule"] for line in lines if line["run"] == "labeled_only"] == ["unlabeled", "unlabeled-tta"]
     for line in lines:  # each rule scored on both splits, from the same checkpoint
+        run = tmp_path / line["run"] / "seed0"
         for split, folder in (("val_dice", "val"), ("test_dice", "eval")):
             summary = load_summary(run / f"{folder}-{line['rule']}" / "summary.json")
             assert float(line[split]) == pytest.approx(summary["average"]["dice"], abs=1e-4)
         assert load_summary(run / f"val-{line['rule']}" / "summary.json")["split"] == "eval"
-    best = max(lines, key=lambda line: float(line["val_dice"]))
-    assert [line["chosen"] for line in lines].count("1") == 1 and best["chosen"] == "1"
+    for run in ("labeled_only", "full"):  # one choice per run: its best rule on validation
+        own = [line for line in lines if line["run"] == run]
+        best = max(own, key=lambda line: float(line["val_dice"]))
+        assert [line["chosen"] for line in own].count("1") == 1 and best["chosen"] == "1"
     assert "✓" in (tmp_path / "test_time_rules.md").read_text()
+    # every comparison is against labeled-only under the rule its validation chose
+    reference = next(line for line in lines if line["run"] == "labeled_only" and line["chosen"] == "1")
+    with (tmp_path / "comparison.csv").open() as handle:
+        compared = [line for line in csv.DictReader(handle) if line["group"] == "all"]
+    assert len(compared) == 7 and all(float(line["dice_a"]) == pytest.approx(float(reference["test_dice"]), abs=1e-3)
+                                      for line in compared)
 
 
 class Interrupted(Exception):

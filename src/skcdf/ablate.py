@@ -34,6 +34,8 @@ EMA_ORDERS = ("D", "Hl,D", "D,Hl,Hu", "Hl,Hu,D", "Hl,D,Hu")
 #: ``--decoders``: the test-time rules evaluated from the same checkpoint, (decoder, flip TTA); the first is
 #: the paper's and each row's default.
 TEST_TIME_RULES = tuple((decoder, tta) for tta in (False, True) for decoder in ("unlabeled", "labeled", "mean"))
+#: ``--decoders`` for a run with one decoder (a single network, a Table 1 method): its rule, and with flip TTA.
+ONE_DECODER_RULES = (("unlabeled", False), ("unlabeled", True))
 
 
 @dataclass
@@ -52,9 +54,14 @@ class AblationRow:
         return self.decoder + ("-tta" if self.tta else "")
 
     @property
+    def variant(self) -> str:
+        """The method the row trains (:data:`skcdf.methods.METHODS`)."""
+        return str(self.overrides.get("variant", methods.MAIN))
+
+    @property
     def run_name(self) -> str:
         """Folder name of the training run; equal overrides share it."""
-        parts = [str(self.overrides.get("variant", methods.MAIN))]
+        parts = [self.variant]
         parts += [f"{k}-{str(v).replace(',', '-')}" for k, v in sorted(self.overrides.items()) if k != "variant"]
         return "_".join(parts)
 
@@ -64,9 +71,9 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
     """The rows to run: the given variants, each semi-supervised one followed by its control when ``controls``
     (:attr:`skcdf.methods.Method.control`: a Table 1 method at ``method_weight: 0``, an SKCDF variant at
     ``lambda_u: 0``), then optionally Table 5's EMA orders, the test-time rules (``decoders``:
-    :data:`TEST_TIME_RULES` for every given variant with two decoders, else for SKCDF, and for its control
-    too when ``controls``; Table 4's labeled decoder among them), and the `exclude` balanced-mask mode (all on
-    the full SKCDF)."""
+    :data:`TEST_TIME_RULES` for every given variant with two decoders, else for SKCDF, and its own rule with
+    flip TTA for every other variant; for the given variants' controls too when ``controls``; Table 4's labeled
+    decoder among them), and the `exclude` balanced-mask mode (all on the full SKCDF)."""
     main = methods.method(methods.MAIN)
     rows = []
     for variant in variants:
@@ -78,14 +85,15 @@ def plan_rows(variants: Sequence[str], *, ema_orders: bool = False, decoders: bo
                              {"variant": main.name, **({} if order == main.ema_order else {"ema_order": order})})
                  for order in EMA_ORDERS]
     if decoders:
-        two_decoders = [v for v in variants if v in methods.METHODS and methods.METHODS[v].semi
-                        and not methods.METHODS[v].plugin and not methods.METHODS[v].shared_decoder]
-        for variant in two_decoders or [main.name]:
+        with_rules = [v for v in variants if has_two_decoders(v)] or [main.name]
+        for variant in [*with_rules, *(v for v in variants if v not in with_rules)]:
             runs = [AblationRow(methods.title(variant), {"variant": variant})]
-            if controls and (control := control_row(variant)) is not None:
+            if controls and variant in variants and (control := control_row(variant)) is not None:
                 runs.append(control)  # its own rules too: each side of "method against control" chooses one
-            rows += [AblationRow(f"{run.title}, {rule_title(decoder, tta)}", run.overrides, decoder=decoder, tta=tta)
-                     for run in runs for decoder, tta in TEST_TIME_RULES]
+            rules = TEST_TIME_RULES if has_two_decoders(variant) else ONE_DECODER_RULES
+            rows += [AblationRow(f"{run.title}, {rule_title(variant, decoder, tta)}", run.overrides,
+                                 decoder=decoder, tta=tta)
+                     for run in runs for decoder, tta in rules]
     if mask_modes:
         rows.append(AblationRow(f"{main.title}, mask mode exclude", {"variant": main.name, "balance_mode": "exclude"}))
     unique: dict[tuple, AblationRow] = {}
@@ -101,8 +109,18 @@ def control_row(variant: str) -> AblationRow | None:
                                                     {"variant": variant, **control})
 
 
-def rule_title(decoder: str, tta: bool) -> str:
-    """How tables name a test-time rule, e.g. "labeled decoder", "decoder mean + flip TTA"."""
+def has_two_decoders(variant: str) -> bool:
+    """Whether ``variant`` (a method name) has D_l and D_u apart, so that :data:`TEST_TIME_RULES` differ; a
+    single network or a Table 1 method has one rule of its own."""
+    method = methods.METHODS.get(variant)
+    return method is not None and method.semi and not method.plugin and not method.shared_decoder
+
+
+def rule_title(variant: str, decoder: str, tta: bool) -> str:
+    """How tables name ``variant``'s test-time rule, e.g. "labeled decoder", "decoder mean + flip TTA", and
+    for a variant with one decoder "its rule" or "flip TTA"."""
+    if not has_two_decoders(variant):
+        return "flip TTA" if tta else "its rule"
     name = "decoder mean" if decoder == "mean" else f"{decoder} decoder"
     return name + (" + flip TTA" if tta else "")
 
@@ -230,7 +248,7 @@ def write_rule_choice(out: Path, rows: Sequence[AblationRow], seeds: Sequence[in
             chosen = row is best
             lines.append([run, row.rule, f"{statistics.fmean(validation):.4f}", f"{statistics.fmean(test):.4f}",
                           f"{statistics.pstdev(test):.4f}", int(chosen)])
-            table.append(f"| {run} | {rule_title(row.decoder, row.tta)} | {statistics.fmean(validation):.2f} | "
+            table.append(f"| {run} | {rule_title(row.variant, row.decoder, row.tta)} | {statistics.fmean(validation):.2f} | "
                          f"{statistics.fmean(test):.2f} ± {statistics.pstdev(test):.2f} | "
                          f"{'✓' if chosen else ''} |")
     buffer = io.StringIO()
@@ -275,15 +293,16 @@ def ablation_methods(out: str | Path) -> dict[str, Method]:
 
 def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | Path | None = None) -> Path:
     """``OUT/comparison.md`` and ``.csv``: every method against labeled-only when there is one (else the
-    first), then each method that has a control (:func:`control_run`) against it, each side under the rule
-    its validation split chose where ``OUT/test_time_rules.csv`` says (:func:`chosen_rules`), else D_u;
-    paired over the test cases of the seeds both ran. Class groups from ``data`` (see
-    :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
-    reference_key = methods.REFERENCE if methods.REFERENCE in found else next(iter(found))
+    first), then each method that has a control (:func:`control_run`) against it; labeled-only, each method
+    and each control under the rule its validation split chose where ``OUT/test_time_rules.csv`` says
+    (:func:`chosen_rules`), else its default; paired over the test cases of the seeds both ran. Class groups
+    from ``data`` (see :func:`skcdf.compare.groups_for`). Returns the Markdown file."""
+    chosen = chosen_rules(out)
+    reference_key = variant_name(methods.REFERENCE, chosen.get(methods.REFERENCE, "unlabeled"))
+    reference_key = reference_key if reference_key in found else next(iter(found))
     reference = found[reference_key]
     others = [method for key, method in found.items() if key != reference_key]
     rows = compare_to_reference(reference, others, data)
-    chosen = chosen_rules(out)
     controlled = []
     for run in found:
         if (control := control_run(run)) is not None:
@@ -293,8 +312,8 @@ def write_ablation_comparison(out: Path, found: dict[str, Method], data: str | P
     for control, method in controlled:
         rows += compare_to_reference(control, [method], data)
     also = ", and each method against its own control" if controlled else ""
-    if also and chosen:
-        also += " (each under the test-time rule its validation split chose, test_time_rules.md)"
+    if chosen:
+        also += " (where a run has several test-time rules, the one its validation split chose: test_time_rules.md)"
     return write_comparison(out, rows, f"# Paired comparison against {reference.name}{also} (`{Path(out)}`)")
 
 
@@ -317,10 +336,8 @@ def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Pa
     from skcdf.predict import predict_and_evaluate
     from skcdf.train.config import load_config
 
-    plugin = methods.method(row.overrides.get("variant", methods.MAIN)).step == "plugin"
-    # a plug-in has no decoder to choose
-    rule = "its test-time rule" + (" + flip TTA" if row.tta else "") if plugin else rule_title(row.decoder, row.tta)
-    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule})", flush=True)
+    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule_title(row.variant, row.decoder, row.tta)})",
+          flush=True)
     model, preprocessing = load_model(run)
     settings = InferenceSettings(decoder=row.decoder, tta=row.tta)
     predict_and_evaluate(model, data, run / f"pred-{row.rule}", evaluation, preprocessing, row.title, settings)

@@ -37,7 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "methods with labeled-only, SKCDF and fully supervised")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 666], help="seeds (default: 0 1 666)")
     p.add_argument("--ema-orders", action="store_true", help="add Table 5's knowledge-transfer orders")
-    p.add_argument("--decoders", action="store_true", help="add Table 4's labeled-decoder inference")
+    p.add_argument("--decoders", action="store_true",
+                   help="add the test-time rules, chosen on the validation split (OUT/test_time_rules.md): D_u, "
+                        "D_l (Table 4) and their mean, each with and without flip TTA, for SKCDF variants; "
+                        "with and without flip TTA for one-decoder runs")
     p.add_argument("--mask-modes", action="store_true", help="add the `exclude` balanced-mask mode")
     p.add_argument("--controls", action="store_true",
                    help="add each Table 1 method's control: the same run at method_weight=0 (no unlabeled term), "
