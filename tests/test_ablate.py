@@ -35,7 +35,8 @@ def test_plan_rows_share_runs_and_drop_duplicate_experiments():
     rows = plan_rows(["cps"], decoders=True, controls=True)  # a Table 1 method and its control: one decoder each
     assert [(row.run_name, row.rule, row.title) for row in rows if row.run_name.startswith("cps")] == [
         ("cps", "unlabeled", "CPS"), ("cps_method_weight-0", "unlabeled", "CPS, no unlabeled term"),
-        ("cps", "unlabeled-tta", "CPS, flip TTA"), ("cps_method_weight-0", "unlabeled-tta", "CPS, no unlabeled term, flip TTA")]
+        ("cps", "unlabeled-tta", "CPS, flip TTA"),
+        ("cps_method_weight-0", "unlabeled-tta", "CPS, no unlabeled term, flip TTA")]
     assert {row.run_name for row in rows} == {"cps", "cps_method_weight-0", "full"}  # SKCDF's rules, not its control
     # with --controls the control gets the six rules too, so that each side chooses its own
     rows = plan_rows(["full"], decoders=True, controls=True)

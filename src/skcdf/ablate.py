@@ -248,7 +248,8 @@ def write_rule_choice(out: Path, rows: Sequence[AblationRow], seeds: Sequence[in
             chosen = row is best
             lines.append([run, row.rule, f"{statistics.fmean(validation):.4f}", f"{statistics.fmean(test):.4f}",
                           f"{statistics.pstdev(test):.4f}", int(chosen)])
-            table.append(f"| {run} | {rule_title(row.variant, row.decoder, row.tta)} | {statistics.fmean(validation):.2f} | "
+            table.append(f"| {run} | {rule_title(row.variant, row.decoder, row.tta)} | "
+                         f"{statistics.fmean(validation):.2f} | "
                          f"{statistics.fmean(test):.2f} ± {statistics.pstdev(test):.2f} | "
                          f"{'✓' if chosen else ''} |")
     buffer = io.StringIO()
@@ -336,8 +337,8 @@ def _evaluate(row: AblationRow, seed: int, run: Path, data: Path, evaluation: Pa
     from skcdf.predict import predict_and_evaluate
     from skcdf.train.config import load_config
 
-    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule_title(row.variant, row.decoder, row.tta)})",
-          flush=True)
+    rule = rule_title(row.variant, row.decoder, row.tta)
+    print(f"[ablate] {row.title}, seed {seed}: predicting and evaluating ({rule})", flush=True)
     model, preprocessing = load_model(run)
     settings = InferenceSettings(decoder=row.decoder, tta=row.tta)
     predict_and_evaluate(model, data, run / f"pred-{row.rule}", evaluation, preprocessing, row.title, settings)
