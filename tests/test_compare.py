@@ -116,6 +116,14 @@ def _evaluation(folder: Path, dice: dict[str, list[float]], name: str, gt: Path 
     return folder
 
 
+def _ablation_evaluations(out: Path, gt: Path, evaluations: list[tuple[str, dict[str, list[float]], str]]) -> None:
+    """An ablation folder's evaluations for seeds 0 and 1: (``<run>/eval-<rule>`` path part, Dice, name) each."""
+    for seed in (0, 1):
+        for folder, dice, name in evaluations:
+            run, evaluation = folder.split("/")
+            _evaluation(out / run / f"seed{seed}" / evaluation, dice, name, gt=gt)
+
+
 A_DICE = {"c1": [90.0, 80.0, 10.0], "c2": [85.0, 70.0, 0.0], "c3": [95.0, 75.0, 20.0]}
 B_DICE = {"c1": [91.0, 82.0, 30.0], "c2": [86.0, 71.0, 10.0], "c3": [94.0, 78.0, 50.0]}
 
@@ -211,15 +219,11 @@ def test_cli_on_an_ablation_folder_compares_every_row_with_labeled_only(tmp_path
 def test_an_ablation_with_controls_also_compares_each_method_with_its_own_control(tmp_path):
     data = _prepared(tmp_path / "data")
     out = tmp_path / "abl"
-    for seed in (0, 1):
-        _evaluation(out / "labeled_only" / f"seed{seed}" / "eval-unlabeled", A_DICE, "Labeled only", gt=data)
-        _evaluation(out / "cps" / f"seed{seed}" / "eval-unlabeled", B_DICE, "CPS", gt=data)
-        _evaluation(out / "cps_method_weight-0" / f"seed{seed}" / "eval-unlabeled", B_DICE, "CPS, no unlabeled term",
-                    gt=data)
-        _evaluation(out / "depl" / f"seed{seed}" / "eval-unlabeled", A_DICE, "DePL", gt=data)  # no control
-        _evaluation(out / "full" / f"seed{seed}" / "eval-unlabeled", B_DICE, "SKCDF", gt=data)
-        _evaluation(out / "full_lambda_u-0" / f"seed{seed}" / "eval-unlabeled", A_DICE, "SKCDF, no unlabeled term",
-                    gt=data)
+    _ablation_evaluations(out, data, [
+        ("labeled_only/eval-unlabeled", A_DICE, "Labeled only"), ("cps/eval-unlabeled", B_DICE, "CPS"),
+        ("cps_method_weight-0/eval-unlabeled", B_DICE, "CPS, no unlabeled term"),
+        ("depl/eval-unlabeled", A_DICE, "DePL"),  # no control
+        ("full/eval-unlabeled", B_DICE, "SKCDF"), ("full_lambda_u-0/eval-unlabeled", A_DICE, "SKCDF, no unlabeled term")])
     markdown = write_ablation_comparison(out, ablation_methods(out), data)
     with (out / "comparison.csv").open() as handle:
         lines = [line for line in csv.DictReader(handle) if line["group"] == "all"]
@@ -232,17 +236,13 @@ def test_an_ablation_with_controls_also_compares_each_method_with_its_own_contro
     assert "against Labeled only, and each method against its own control" in markdown.read_text()
 
 
-
 def test_each_side_of_method_against_control_takes_the_rule_its_validation_split_chose(tmp_path):
     data = _prepared(tmp_path / "data")
     out = tmp_path / "abl"
-    for seed in (0, 1):
-        _evaluation(out / "full" / f"seed{seed}" / "eval-unlabeled", A_DICE, "SKCDF", gt=data)
-        _evaluation(out / "full" / f"seed{seed}" / "eval-labeled", B_DICE, "SKCDF, labeled decoder", gt=data)
-        _evaluation(out / "full_lambda_u-0" / f"seed{seed}" / "eval-unlabeled", B_DICE, "SKCDF, no unlabeled term",
-                    gt=data)
-        _evaluation(out / "full_lambda_u-0" / f"seed{seed}" / "eval-mean-tta", A_DICE,
-                    "SKCDF, no unlabeled term, decoder mean + flip TTA", gt=data)
+    _ablation_evaluations(out, data, [
+        ("full/eval-unlabeled", A_DICE, "SKCDF"), ("full/eval-labeled", B_DICE, "SKCDF, labeled decoder"),
+        ("full_lambda_u-0/eval-unlabeled", B_DICE, "SKCDF, no unlabeled term"),
+        ("full_lambda_u-0/eval-mean-tta", A_DICE, "SKCDF, no unlabeled term, decoder mean + flip TTA")])
     with (out / "test_time_rules.csv").open("w", newline="") as handle:  # as write_rule_choice writes it
         writer = csv.writer(handle)
         writer.writerow(["run", "rule", "val_dice", "test_dice", "test_dice_sd", "chosen"])
